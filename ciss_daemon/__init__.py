@@ -1,0 +1,1 @@
+"""The ciss service: workspace, catalog, inbox, scheduler, jobs, promotion and CLI."""

@@ -1,0 +1,4 @@
+"""Placeholder replaced by the CLI module."""
+import typer
+
+app = typer.Typer()
