@@ -1,0 +1,36 @@
+# One command checks everything: `make test`. `make demo` runs the main job on generated data on a CPU.
+# Both create the virtual environment they need in .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format bench-ablation clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ciss demo
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench-ablation: $(STAMP)
+	$(PY) -m engine.experiment ablation --out bench-out/ablation
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache bench-out demo-workspace

@@ -1,0 +1,134 @@
+"""Supervision of the training child process (see ``ciss_daemon.worker`` for its side of the protocol).
+
+The child is a separate Python process started with ``subprocess`` (never ``fork``: the daemon has
+threads), so a crash or a CUDA out-of-memory in training never takes the daemon down. It dies with the
+daemon (parent-death signal), and it is stopped with SIGTERM, on which it writes a checkpoint and exits 75.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ciss_daemon import worker
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a training child ended."""
+
+    kind: str  # "done" | "stopped" | "failed" | "crashed"
+    reason: str = ""
+    result: dict[str, Any] | None = None
+
+
+class TrainingProcess:
+    """One running training child for one job folder."""
+
+    def __init__(self, job_dir: Path, process: subprocess.Popen[bytes]) -> None:
+        self.job_dir = job_dir
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    def start(cls, job_dir: Path, request: dict[str, Any]) -> TrainingProcess:
+        """Write ``request.json`` and start the worker; its output goes to ``worker.log`` in the job dir."""
+        job_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (worker.RESULT, worker.ERROR):  # left over from an earlier attempt
+            (job_dir / stale).unlink(missing_ok=True)
+        worker.write_json(job_dir / worker.REQUEST, request)
+        env = {**os.environ, "CISS_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        with open(job_dir / "worker.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "ciss_daemon.worker", str(job_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # Its own process group: a Ctrl-C in the daemon's terminal reaches the daemon, which then
+                # stops the child with SIGTERM so that it checkpoints first.
+                start_new_session=True,
+            )
+        return cls(job_dir, process)
+
+    def progress(self) -> dict[str, Any] | None:
+        """The child's last progress report, or None before the first one."""
+        return read_json(self.job_dir / worker.PROGRESS)
+
+    def poll(self) -> Outcome | None:
+        """None while the child runs; its outcome once it has exited."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        return outcome_of(self.job_dir, code)
+
+    def stop(self, timeout: float) -> Outcome:
+        """Ask the child to checkpoint and exit (SIGTERM); kill it after ``timeout`` seconds."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return outcome_of(self.job_dir, self.process.returncode)
+
+
+def outcome_of(job_dir: Path, code: int) -> Outcome:
+    """Interpret the exit code and the files the worker left."""
+    if code == worker.EXIT_DONE:
+        result = read_json(job_dir / worker.RESULT)
+        if result is None:
+            return Outcome("crashed", "the training process exited without writing its result")
+        return Outcome("done", result=result)
+    if code == worker.EXIT_STOPPED:
+        return Outcome("stopped", "stopped on request after a checkpoint")
+    error = job_dir / worker.ERROR
+    if code == worker.EXIT_FAILED and error.exists():
+        return Outcome("failed", error.read_text(encoding="utf-8", errors="replace").strip())
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        return Outcome("crashed", f"the training process was killed by {name}")
+    return Outcome("crashed", f"the training process exited with code {code}; see {job_dir / 'worker.log'}")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def stop_orphan(pid: int | None, job_dir: Path, timeout: float) -> None:
+    """Stop a worker left by an earlier daemon (it normally dies with its parent; this covers the gap)."""
+    if not pid or not _is_worker(pid, job_dir):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _is_worker(pid, job_dir):
+        time.sleep(0.1)
+    if _is_worker(pid, job_dir):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _is_worker(pid: int, job_dir: Path) -> bool:
+    """Whether ``pid`` is a live worker of ``job_dir`` (not a recycled pid of some other program)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and b"ciss_daemon.worker" in cmdline and os.fsencode(str(job_dir)) in cmdline

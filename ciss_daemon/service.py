@@ -1,0 +1,122 @@
+"""What running under systemd needs: sd_notify messages, journald-friendly logs, the single-instance lock."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ciss_daemon.exceptions import DaemonRunningError
+
+# syslog priorities journald reads from a "<N>" prefix on each stderr line.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def notify(**fields: str | int) -> bool:
+    """Send ``KEY=value`` lines to systemd's notify socket (READY, STATUS, WATCHDOG, STOPPING, ...).
+
+    A no-op returning False when not started by systemd with Type=notify.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace socket
+        address = "\0" + address[1:]
+    message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message, address)
+        except OSError:
+            return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings systemd expects (half of WatchdogSec), or None without a watchdog."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2_000_000
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr: with syslog priority prefixes under systemd (journald adds the time), else timed."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        handler.setFormatter(_JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class InstanceLock:
+    """One daemon per workspace: an exclusive ``flock`` on ``daemon.lock`` holding the daemon's pid.
+
+    The kernel drops the lock when the process dies, however it dies, so a stale lock never blocks a restart.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, wait: float = 2.0) -> None:
+        """Take the lock; ``wait`` covers readers (``ciss status``) that hold it shared for an instant."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                pid = read_pid(self.path) or "unknown"
+                raise DaemonRunningError(
+                    f"a ciss daemon (pid {pid}) already runs on {self.path.parent}; stop it first"
+                ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def daemon_alive(path: Path) -> bool:
+    """Whether some process holds the workspace lock; works for readers who cannot write the workspace."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

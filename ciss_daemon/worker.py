@@ -1,0 +1,209 @@
+"""The training child process: ``python -m ciss_daemon.worker JOB_DIR``.
+
+The daemon writes ``request.json`` into the job folder and starts this process; the worker trains the step
+with the engine, evaluates the candidate and the current model, and saves the candidate. It never touches
+the catalog (the daemon is its only writer); it talks back through files in the job folder:
+
+- ``progress.json``: phase, iteration, total, epoch, loss terms, images/s, ETA (rewritten atomically);
+- ``result.json``: metrics of the candidate and of the current model, file hashes, loss history;
+- ``error.txt``: one line saying what went wrong, when it fails.
+
+Exit codes: 0 done; 75 stopped on SIGTERM after writing a checkpoint (resume later); 1 failed (error.txt).
+A crash (killed, segfault) leaves neither result nor error; the daemon retries from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_DONE = 0
+EXIT_FAILED = 1
+EXIT_STOPPED = 75  # EX_TEMPFAIL: try again later
+
+REQUEST = "request.json"
+PROGRESS = "progress.json"
+RESULT = "result.json"
+ERROR = "error.txt"
+CANDIDATE = "candidate"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file, fsync, rename) so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, allow_nan=False, default=_nan_to_none)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _nan_to_none(value: Any) -> Any:
+    raise TypeError(f"cannot store {type(value).__name__} in JSON")
+
+
+def _finite(value: float) -> float | None:
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
+
+
+class ProgressWriter:
+    """Rewrites progress.json at most once a second (and at phase changes)."""
+
+    def __init__(self, path: Path, interval: float = 1.0) -> None:
+        self.path = path
+        self.interval = interval
+        self.last = 0.0
+
+    def phase(self, phase: str, **fields: Any) -> None:
+        write_json(self.path, {"phase": phase, "updated_at": time.time(), **fields})
+        self.last = time.monotonic()
+
+    def __call__(self, p: Any) -> None:
+        if time.monotonic() - self.last < self.interval and p.iteration < p.total_iterations:
+            return
+        self.phase(
+            "training",
+            iteration=p.iteration,
+            total=p.total_iterations,
+            epoch=p.epoch,
+            epochs=p.epochs,
+            losses={k: _finite(v) for k, v in p.losses.items()},
+            lr=p.lr,
+            images_per_second=round(p.images_per_second, 2),
+            eta_seconds=_finite(round(p.eta_seconds, 1)),
+        )
+
+
+def request_from_json(data: dict[str, Any]) -> Any:
+    """Rebuild the engine's StepRequest from request.json."""
+    from engine.config import EngineConfig
+    from engine.runner import BatchRef, StepRequest
+
+    def refs(items: list[dict[str, Any]]) -> list[BatchRef]:
+        return [
+            BatchRef(
+                r["name"], Path(r["folder"]), {int(k): int(v) for k, v in r["value_map"].items()}, r["kind"]
+            )
+            for r in items
+        ]
+
+    return StepRequest(
+        step_index=data["step_index"],
+        step_sizes=list(data["step_sizes"]),
+        class_names={int(k): v for k, v in data["class_names"].items()},
+        train_batches=refs(data["train_batches"]),
+        eval_batches=refs(data["eval_batches"]),
+        memory_batches=refs(data.get("memory_batches", [])),
+        teacher_dir=Path(data["teacher_dir"]) if data.get("teacher_dir") else None,
+        workdir=Path(data["workdir"]),
+        output_dir=Path(data["output_dir"]),
+        config=EngineConfig.from_dict(data["config"]),
+        device=data.get("device", "auto"),
+    )
+
+
+def run(job_dir: Path) -> int:
+    """Train, evaluate and save one step; returns the exit code."""
+    stop = {"requested": False}
+
+    def on_term(signum: int, frame: Any) -> None:  # a handler only sets a flag (STYLE item 7)
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    parent = int(os.environ.get("CISS_PARENT_PID", "0"))
+    _die_with_parent()
+
+    def should_stop() -> bool:
+        # A daemon killed with SIGKILL cannot stop its child: the child notices it was re-parented and
+        # stops itself after a checkpoint, so a restarted daemon never finds two trainers on one job.
+        return stop["requested"] or (parent != 0 and os.getppid() != parent)
+
+    progress = ProgressWriter(job_dir / PROGRESS)
+    try:
+        from engine.runner import evaluate_model, load_model, resolve_device, run_step
+        from engine.train import new_class_ids
+
+        request = request_from_json(json.loads((job_dir / REQUEST).read_text(encoding="utf-8")))
+        progress.phase("starting")
+        result = run_step(request, progress=progress, should_stop=should_stop)
+        if not result.finished:
+            progress.phase("stopped")
+            return EXIT_STOPPED
+        current = None
+        if request.teacher_dir is not None:
+            progress.phase("evaluating")
+            device = resolve_device(request.device)
+            teacher, _ = load_model(request.teacher_dir, device)
+            new = new_class_ids(request.step_sizes)
+            current = evaluate_model(
+                teacher,
+                request.eval_batches,
+                num_classes=sum(request.step_sizes),
+                old_classes=list(range(1, new[0])),
+                new_classes=new,
+                device=device,
+            )
+        assert result.metrics is not None
+        write_json(
+            job_dir / RESULT,
+            {
+                "metrics": result.metrics.to_dict(),
+                "current_metrics": current.to_dict() if current else None,
+                "files": result.files,
+                "history": result.history,
+                "train_images": result.train_images,
+            },
+        )
+        progress.phase("done")
+        return EXIT_DONE
+    except KeyboardInterrupt:
+        return EXIT_STOPPED
+    except Exception as error:  # every failure becomes one line for the catalog
+        message = _describe(error, torch_module=sys.modules.get("torch"), engine_error=_engine_error())
+        (job_dir / ERROR).write_text(message + "\n", encoding="utf-8")
+        print(f"error: {message}", file=sys.stderr)
+        import traceback
+
+        traceback.print_exc()  # the full story goes to the job's log file
+        return EXIT_FAILED
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the daemon dies (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def _engine_error() -> type[Exception]:
+    from engine.exceptions import EngineError
+
+    return EngineError
+
+
+def _describe(error: Exception, *, torch_module: Any, engine_error: type[Exception]) -> str:
+    if torch_module is not None and isinstance(error, torch_module.cuda.OutOfMemoryError):
+        return "CUDA out of memory; lower train.batch_size or train.crop_size in ciss.toml"
+    if isinstance(error, engine_error):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        print("usage: python -m ciss_daemon.worker JOB_DIR", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run(Path(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()

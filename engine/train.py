@@ -1,0 +1,334 @@
+"""Training of one step: base step (t = 0) and incremental step (t >= 1) as plain functions.
+
+``train_step`` runs the whole optimisation of method.md for one step: SGD with Nesterov momentum, poly decay
+per iteration, 10x learning rate on the head and classifiers, the weight-decay rule, BatchNorm momentum 0.01
+at step 0 and frozen BatchNorm and dropout afterwards, the frozen teacher, mixed precision on CUDA. It writes
+atomic checkpoints that hold everything needed to resume bit-for-bit (model, optimiser, scheduler, scaler,
+RNG states, position in the epoch) and resumes from one. Under ``torchrun`` it shards the data, uses
+SyncBatchNorm where BatchNorm trains, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from engine.config import EngineConfig
+from engine.data import StepSampler
+from engine.exceptions import DataError
+from engine.losses import ac_loss, dkd_loss, kd_loss, mbce_loss, weighted_total
+from engine.model import DKDSegmenter, SegOutput, upsample
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Progress:
+    """What a progress callback receives after every iteration."""
+
+    step_index: int
+    epoch: int
+    epochs: int
+    iteration: int  # iterations done so far in this step
+    total_iterations: int
+    losses: dict[str, float]  # loss terms and "total" of the last iteration
+    lr: float  # backbone learning rate
+    images_per_second: float
+    eta_seconds: float
+
+
+@dataclass
+class TrainResult:
+    """Outcome of ``train_step``: finished, or stopped early on request after writing a checkpoint."""
+
+    finished: bool
+    iterations: int
+    # Mean loss terms per finished epoch, for the report's loss curves.
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class StepModel(nn.Module):
+    """The student as DDP sees it: one forward that also returns the reasoning scores of the old classes.
+
+    Computing z+ and z- inside ``forward`` keeps every use of the classifier weights inside the module that
+    DistributedDataParallel wraps, so its gradient hooks see them.
+    """
+
+    def __init__(self, model: DKDSegmenter, num_old: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_old = num_old
+
+    def forward(self, images: Tensor) -> tuple[SegOutput, Tensor | None, Tensor | None]:
+        out = self.model(images)
+        if self.num_old == 0:
+            return out, None, None
+        pos, neg = self.model.reasoning_scores(out.features, self.num_old)  # (N, num_old, h, w) each
+        return out, pos, neg
+
+
+def new_class_ids(step_sizes: list[int]) -> list[int]:
+    """Global ids of the classes the last step of ``step_sizes`` introduces."""
+    first = sum(step_sizes[:-1]) + 1
+    return list(range(first, first + step_sizes[-1]))
+
+
+def build_optimizer(model: DKDSegmenter, config: EngineConfig, step_index: int) -> torch.optim.SGD:
+    """SGD with the learning-rate and weight-decay groups of method.md.
+
+    Backbone at the base rate; ASPP head and every classifier at ``head_lr_mult`` times it. Weight decay on
+    everything at step 0; at t >= 1 only on the new classifier g_t.
+    """
+    train = config.train
+    lr = train.lr_base if step_index == 0 else train.lr_incremental
+    decay = train.weight_decay if step_index == 0 else 0.0
+    backbone, head, newest = model.parameter_groups()
+    groups = [
+        {"params": backbone, "lr": lr, "weight_decay": decay},
+        {"params": head, "lr": lr * train.head_lr_mult, "weight_decay": decay},
+        {"params": newest, "lr": lr * train.head_lr_mult, "weight_decay": train.weight_decay},
+    ]
+    return torch.optim.SGD(groups, lr=lr, momentum=train.momentum, nesterov=train.nesterov)
+
+
+def set_step_mode(model: DKDSegmenter, step_index: int, config: EngineConfig) -> None:
+    """Put the student in the training mode of its step.
+
+    Step 0: everything trains, backbone BatchNorm with momentum ``bn_momentum_base``. Step t >= 1: every
+    BatchNorm in eval mode (running statistics frozen; affine parameters still get gradients) and dropout off.
+    """
+    model.train()
+    if step_index == 0:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = config.train.bn_momentum_base
+        return
+    for module in model.modules():
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
+            module.eval()
+
+
+def freeze_teacher(teacher: DKDSegmenter) -> DKDSegmenter:
+    """The previous step's model, frozen: eval mode and no gradients."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def loss_terms(
+    student: nn.Module,
+    teacher: DKDSegmenter | None,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    new_classes: list[int],
+    pos_weight: float,
+    config: EngineConfig,
+) -> dict[str, Tensor]:
+    """Every loss term of method.md for one batch; the weighted total is ``losses.weighted_total``.
+
+    ``student`` is a :class:`StepModel` (possibly inside DDP). images (N, 3, H, W); labels (N, H, W) with the
+    step's label rule already applied (values not in C_t are 0, 255 is ignore).
+    """
+    out, s_pos, s_neg = student(images)
+    size = (labels.shape[-2], labels.shape[-1])
+    logits = upsample(out.logits, size)  # (N, 1 + K, H, W)
+    terms = {
+        "mbce": mbce_loss(logits, labels, new_classes, pos_weight),
+        "ac": ac_loss(logits[:, :1]),
+    }
+    if teacher is None or not config.train.use_kd:
+        return terms
+    num_old = new_classes[0] - 1
+    with torch.no_grad():
+        t_out = teacher(images)
+        t_logits = upsample(t_out.logits, size)  # (N, 1 + num_old, H, W)
+    terms["kd"] = kd_loss(logits[:, 1 : num_old + 1], t_logits[:, 1 : num_old + 1])
+    if config.train.use_dkd:
+        with torch.no_grad():
+            t_pos, t_neg = teacher.reasoning_scores(t_out.features, num_old)  # (N, num_old, h, w)
+        terms["dkd_pos"] = dkd_loss(s_pos, t_pos)
+        terms["dkd_neg"] = dkd_loss(s_neg, t_neg)
+    return terms
+
+
+def _autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the GPU has it (no loss scaling needed), fp16 otherwise on CUDA, none on the CPU."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_step(
+    *,
+    model: DKDSegmenter,
+    teacher: DKDSegmenter | None,
+    dataset: Dataset,
+    config: EngineConfig,
+    step_index: int,
+    device: torch.device,
+    checkpoint_path: Path | None = None,
+    resume: bool = True,
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint_meta: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` for one step on ``dataset`` (items: (image (3, H, W), label (H, W)) with step labels).
+
+    The model must already have its classifier for this step (``add_step`` done for t >= 1). With
+    ``checkpoint_path`` set, a checkpoint is written every ``config.train.checkpoint_every`` iterations, at
+    every epoch end and when ``should_stop()`` turns true; with ``resume`` an existing checkpoint there is
+    loaded first and training continues from its position. Returns when the step is done or stopped.
+    """
+    train = config.train
+    rank, world_size = _distributed()
+    new_classes = new_class_ids(model.step_sizes)
+    pos_weight = config.loss.pos_weight_base if step_index == 0 else config.loss.pos_weight_incremental
+    epochs = train.epochs_base if step_index == 0 else train.epochs_incremental
+    if teacher is not None:
+        freeze_teacher(teacher)
+    if step_index == 0 and len(dataset) < 2 * world_size:
+        # BatchNorm trains at step 0 and cannot normalise a batch of one image.
+        raise DataError(f"step 0 has {len(dataset)} training image(s); it needs at least {2 * world_size}")
+
+    model.to(device)
+    student: nn.Module = StepModel(model, num_old=new_classes[0] - 1 if teacher is not None else 0)
+    if world_size > 1:
+        # BatchNorm trains only at step 0 (later steps freeze it). SyncBatchNorm needs GPUs; CPU processes
+        # (gloo) keep per-process statistics, which DDP's buffer broadcast keeps equal to rank 0's.
+        if step_index == 0 and device.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(model, config, step_index)
+    sampler = StepSampler(len(dataset), train.batch_size, seed=train.seed, rank=rank, world_size=world_size)
+    per_epoch = sampler.batches_per_epoch()
+    total = epochs * per_epoch
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=train.poly_power)
+    amp_dtype = _autocast_dtype(device, train.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    epoch, done_in_epoch, iteration = 0, 0, 0
+    history: list[dict[str, float]] = []
+    sums: dict[str, float] = {}
+    if checkpoint_path is not None and resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        epoch, done_in_epoch, iteration = (int(state["position"][k]) for k in ("epoch", "batch", "iteration"))
+        history = [dict(h) for h in state["history"]]
+        sums = dict(state["epoch_sums"])
+        set_rng_state(state["rng"])
+
+    def write_checkpoint() -> None:
+        if checkpoint_path is None or rank != 0:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "position": {"epoch": epoch, "batch": done_in_epoch, "iteration": iteration},
+            "history": history,
+            "epoch_sums": sums,
+            "rng": rng_state(),
+            "config": config.to_dict(),
+            "step_sizes": list(model.step_sizes),
+            "meta": dict(checkpoint_meta or {}),
+        }
+        save_checkpoint(checkpoint_path, state)
+
+    # A dedicated generator keeps the loader from drawing on the global RNG (dropout's), so resuming in
+    # the middle of an epoch replays exactly the same random numbers as an uninterrupted run.
+    loader_generator = torch.Generator().manual_seed(train.seed)
+    started, first_iteration = time.monotonic(), iteration
+    while epoch < epochs:
+        sampler.set_epoch(epoch, start=done_in_epoch * train.batch_size)
+        loader = DataLoader(
+            dataset,
+            batch_size=train.batch_size,
+            sampler=sampler,
+            num_workers=train.num_workers,
+            pin_memory=device.type == "cuda",
+            generator=loader_generator,
+            drop_last=False,
+        )
+        set_step_mode(model, step_index, config)
+        for images, labels in loader:
+            if should_stop is not None and should_stop():
+                write_checkpoint()
+                return TrainResult(finished=False, iterations=iteration, history=history)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                terms = loss_terms(
+                    student,
+                    teacher,
+                    images,
+                    labels,
+                    new_classes=new_classes,
+                    pos_weight=pos_weight,
+                    config=config,
+                )
+            loss = weighted_total(terms, config.loss)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"step {step_index}: the loss became {loss.item()} at iteration {iteration}; "
+                    "lower the learning rate in [train]"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            iteration += 1
+            done_in_epoch += 1
+            values = {name: float(term.detach()) for name, term in terms.items()}
+            values["total"] = float(loss.detach())
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
+            sums["_count"] = sums.get("_count", 0.0) + 1.0
+            if progress is not None:
+                elapsed = time.monotonic() - started
+                rate = (iteration - first_iteration) / elapsed if elapsed > 0 else 0.0
+                progress(
+                    Progress(
+                        step_index=step_index,
+                        epoch=epoch,
+                        epochs=epochs,
+                        iteration=iteration,
+                        total_iterations=total,
+                        losses=values,
+                        lr=optimizer.param_groups[0]["lr"],
+                        images_per_second=rate * images.shape[0] * world_size,
+                        eta_seconds=(total - iteration) / rate if rate > 0 else math.inf,
+                    )
+                )
+            if iteration % train.checkpoint_every == 0 and done_in_epoch < per_epoch:
+                write_checkpoint()
+        count = sums.pop("_count", 1.0)
+        history.append({name: value / count for name, value in sums.items()})
+        sums = {}
+        epoch, done_in_epoch = epoch + 1, 0
+        write_checkpoint()
+    return TrainResult(finished=True, iterations=iteration, history=history)

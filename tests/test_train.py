@@ -1,0 +1,207 @@
+"""Training rules of method.md on a tiny model: optimiser groups, freezing, teacher, resume, DDP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import Dataset
+
+from engine.config import EngineConfig, ModelConfig, TrainConfig
+from engine.model import build_model
+from engine.train import Progress, build_optimizer, set_step_mode, train_step
+
+
+class RandomSegmentation(Dataset):
+    """Deterministic random images with labels of the given classes; accepts (index, seed) items."""
+
+    def __init__(self, n: int, classes: list[int], size: int = 32) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.images = torch.randn(n, 3, size, size, generator=g)
+        choices = torch.tensor([0, *classes])
+        self.labels = choices[torch.randint(len(choices), (n, size, size), generator=g)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = item[0] if isinstance(item, tuple) else item
+        return self.images[index], self.labels[index]
+
+
+def tiny_config(**train: object) -> EngineConfig:
+    values = {"batch_size": 4, "crop_size": 32, "epochs_base": 2, "epochs_incremental": 2, "amp": False}
+    values.update(train)
+    return EngineConfig(model=ModelConfig(backbone="resnet18"), train=TrainConfig(**values))  # type: ignore[arg-type]
+
+
+def base_and_student(config: EngineConfig) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    teacher = build_model(config.model, [2])
+    student = copy.deepcopy(teacher)
+    student.add_step(1)
+    return teacher, student
+
+
+def test_optimizer_groups_follow_method() -> None:
+    config = tiny_config()
+    teacher, student = base_and_student(config)
+    base = build_optimizer(teacher, config, 0).param_groups
+    assert [g["lr"] for g in base] == pytest.approx([1e-3, 1e-2, 1e-2])
+    assert [g["weight_decay"] for g in base] == [1e-4, 1e-4, 1e-4]
+    incremental = build_optimizer(student, config, 1).param_groups
+    assert [g["lr"] for g in incremental] == pytest.approx([1e-4, 1e-3, 1e-3])
+    # At t >= 1 weight decay only on the new classifier g_t.
+    assert [g["weight_decay"] for g in incremental] == [0.0, 0.0, 1e-4]
+    assert incremental[2]["params"] == list(student.classifiers[-1].parameters())
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in incremental)
+
+
+def test_step_modes() -> None:
+    config = tiny_config()
+    teacher, student = base_and_student(config)
+    set_step_mode(teacher, 0, config)
+    bns = [m for m in teacher.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.training and m.momentum == 0.01 for m in bns)
+    set_step_mode(student, 1, config)
+    frozen = [m for m in student.modules() if isinstance(m, (nn.BatchNorm2d, nn.Dropout))]
+    assert frozen and not any(m.training for m in frozen)
+    assert student.classifiers[-1].training
+
+
+def test_incremental_step_freezes_bn_stats_and_teacher() -> None:
+    config = tiny_config(epochs_incremental=1)
+    teacher, student = base_and_student(config)
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    stats_before = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
+    conv_before = student.backbone.conv1.weight.detach().clone()  # type: ignore[union-attr]
+    train_step(
+        model=student,
+        teacher=teacher,
+        dataset=RandomSegmentation(8, [3]),
+        config=config,
+        step_index=1,
+        device=torch.device("cpu"),
+    )
+    after = student.state_dict()
+    assert all(torch.equal(stats_before[k], after[k]) for k in stats_before)
+    assert not torch.equal(conv_before, student.backbone.conv1.weight)  # type: ignore[union-attr]
+    assert not teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_base_step_updates_bn_stats_and_reports_progress() -> None:
+    config = tiny_config(epochs_base=1)
+    torch.manual_seed(0)
+    model = build_model(config.model, [2])
+    before = model.head[2].running_mean.clone()  # type: ignore[index]
+    seen: list[Progress] = []
+    result = train_step(
+        model=model,
+        teacher=None,
+        dataset=RandomSegmentation(8, [1, 2]),
+        config=config,
+        step_index=0,
+        device=torch.device("cpu"),
+        progress=seen.append,
+    )
+    assert result.finished and result.iterations == 2
+    assert [p.iteration for p in seen] == [1, 2] and seen[-1].total_iterations == 2
+    assert set(seen[-1].losses) == {"mbce", "ac", "total"}
+    assert len(result.history) == 1
+    assert not torch.equal(before, model.head[2].running_mean)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("step_index", [0, 1])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, step_index: int) -> None:
+    # Dropout is on at step 0, so this also checks that RNG states are restored.
+    config = tiny_config(checkpoint_every=3, epochs_base=2, epochs_incremental=2)
+    dataset = RandomSegmentation(12, [1, 2] if step_index == 0 else [3])
+
+    def fresh() -> tuple[nn.Module | None, nn.Module]:
+        teacher, student = base_and_student(config)
+        return (None, teacher) if step_index == 0 else (teacher, student)
+
+    def run(checkpoint: Path | None, stop_after: int | None) -> tuple[nn.Module, object]:
+        teacher, model = fresh()
+        calls = {"n": 0}
+
+        def should_stop() -> bool:
+            calls["n"] += 1
+            return stop_after is not None and calls["n"] > stop_after
+
+        torch.manual_seed(123)
+        result = train_step(
+            model=model,
+            teacher=teacher,
+            dataset=dataset,
+            config=config,
+            step_index=step_index,
+            device=torch.device("cpu"),
+            checkpoint_path=checkpoint,
+            should_stop=should_stop,
+        )
+        return model, result
+
+    reference, full = run(None, None)
+    checkpoint = tmp_path / "checkpoint.pt"
+    _, stopped = run(checkpoint, 4)  # stops inside the second epoch (3 iterations per epoch)
+    assert not stopped.finished and stopped.iterations == 4
+    torch.manual_seed(999)  # resuming must not depend on the global RNG state before it
+    resumed, finished = run(checkpoint, None)
+    assert finished.finished and finished.iterations == full.iterations == 6
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert len(finished.history) == len(full.history) == 2
+    for resumed_epoch, full_epoch in zip(finished.history, full.history, strict=True):
+        assert resumed_epoch == pytest.approx(full_epoch)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        config = tiny_config(epochs_base=1)
+        torch.manual_seed(0)
+        model = build_model(config.model, [2])
+        result = train_step(
+            model=model,
+            teacher=None,
+            dataset=RandomSegmentation(16, [1, 2]),
+            config=config,
+            step_index=0,
+            device=torch.device("cpu"),
+            checkpoint_path=Path(out) / "checkpoint.pt",
+        )
+        torch.save(
+            {"iterations": result.iterations, "weight": model.classifiers[0].weight.detach()},
+            Path(out) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_ddp_step(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # 16 images, batch 4 per rank, 2 ranks: each rank sees half the data, 2 iterations.
+    assert ranks[0]["iterations"] == ranks[1]["iterations"] == 2
+    # DDP averages gradients, so both replicas end with identical weights.
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])
+    # Only rank 0 writes the checkpoint.
+    assert (tmp_path / "checkpoint.pt").exists()
