@@ -1,4 +1,4 @@
-"""Errors the daemon raises on purpose. The CLI prints each as one line (``Error: ...``) and exits non-zero."""
+"""Errors the daemon raises on purpose; the CLI prints each as one line (``Error: ...``), exits non-zero."""
 
 
 class CissError(Exception):

@@ -1,0 +1,293 @@
+"""Typed settings of a workspace, read once from ``ciss.toml`` and checked at load.
+
+Each section of the file is one frozen dataclass; the ``[model]``, ``[loss]`` and ``[train]`` sections are
+the engine's own :class:`~engine.config.EngineConfig`. A bad file raises :class:`SettingsError` with one line
+that names the key, the value and what is allowed: ``ciss.toml: daemon.settle_seconds: -1 must be >= 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ciss_daemon.exceptions import SettingsError
+from engine.config import EngineConfig, section_from_dict
+from engine.exceptions import ConfigError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+GIB = 1024**3
+
+
+def _show(value: Any) -> str:
+    # TOML integers given for float keys arrive as floats; print -1.0 as -1 so the message echoes the file.
+    if isinstance(value, float) and value.is_integer():
+        return repr(int(value))
+    return repr(value)
+
+
+def _at_least(section: str, name: str, value: float, low: float) -> None:
+    if value < low:
+        raise SettingsError(f"{section}.{name}: {_show(value)} must be >= {_show(low)}")
+
+
+def _above(section: str, name: str, value: float, low: float) -> None:
+    if value <= low:
+        raise SettingsError(f"{section}.{name}: {_show(value)} must be > {_show(low)}")
+
+
+def _fraction(section: str, name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(f"{section}.{name}: {_show(value)} must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """How the daemon watches the inbox, when and where it trains, and how hard it retries."""
+
+    settle_seconds: float = 10.0
+    rescan_seconds: float = 30.0
+    dispatch_seconds: float = 2.0
+    training_window: str = ""
+    max_attempts: int = 3
+    device: str = "auto"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _at_least("daemon", "settle_seconds", self.settle_seconds, 0)
+        _above("daemon", "rescan_seconds", self.rescan_seconds, 0)
+        _above("daemon", "dispatch_seconds", self.dispatch_seconds, 0)
+        if self.training_window:
+            _check_cron("daemon", "training_window", self.training_window)
+        _at_least("daemon", "max_attempts", self.max_attempts, 1)
+        if not _DEVICE.fullmatch(self.device):
+            raise SettingsError(f"daemon.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        _at_least("daemon", "checkpoint_every", self.checkpoint_every, 1)
+        _at_least("daemon", "keep_checkpoints", self.keep_checkpoints, 1)
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(f"daemon.log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+
+def _check_cron(section: str, name: str, expression: str) -> None:
+    # Imported here: apscheduler is only needed when a window is set, and `ciss status` loads settings too.
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(expression, timezone=dt.UTC)
+    except ValueError as exc:
+        raise SettingsError(
+            f"{section}.{name}: {expression!r} is not a cron expression "
+            f"'minute hour day month day_of_week' ({exc})"
+        ) from None
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """When a trained candidate replaces the current model without asking the operator."""
+
+    old_miou_budget: float = 0.05
+    new_miou_floor: float = 0.10
+    auto_promote: bool = True
+
+    def __post_init__(self) -> None:
+        _fraction("gate", "old_miou_budget", self.old_miou_budget)
+        _fraction("gate", "new_miou_floor", self.new_miou_floor)
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Size limits a batch must respect before anything in it is decoded or copied."""
+
+    max_batch_bytes: int = 2 * GIB
+    max_files: int = 50_000
+    max_image_pixels: int = 40_000_000
+    max_image_side: int = 8192
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _at_least("limits", f.name, getattr(self, f.name), 1)
+
+
+@dataclass(frozen=True)
+class CatalogSettings:
+    """Where the catalog lives: empty means ``catalog.sqlite`` inside the workspace."""
+
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        if self.url and not re.match(r"[A-Za-z][A-Za-z0-9+]*://", self.url):
+            raise SettingsError(
+                f"catalog.url: {self.url!r} is not a database URL "
+                "(e.g. postgresql://user@host/ciss); leave it empty for the workspace's SQLite file"
+            )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything in ``ciss.toml``."""
+
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+_DAEMON_SECTIONS: dict[str, type] = {
+    "daemon": DaemonSettings,
+    "gate": GateSettings,
+    "limits": LimitsSettings,
+    "catalog": CatalogSettings,
+}
+_ENGINE_SECTIONS = ("model", "loss", "train")
+SECTIONS = (*_DAEMON_SECTIONS, *_ENGINE_SECTIONS)
+
+
+def parse_settings(text: str, *, source: str = "ciss.toml") -> Settings:
+    """Parse and check the text of a settings file; ``source`` names it in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{source}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise SettingsError(f"{source}: unknown section [{unknown[0]}]; allowed: {', '.join(SECTIONS)}")
+    try:
+        sections = {
+            name: section_from_dict(cls, data.get(name, {}), name) for name, cls in _DAEMON_SECTIONS.items()
+        }
+        engine = EngineConfig.from_dict({name: data[name] for name in _ENGINE_SECTIONS if name in data})
+    except (SettingsError, ConfigError) as exc:
+        raise SettingsError(f"{source}: {exc}") from None
+    return Settings(**sections, engine=engine)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and check ``ciss.toml``; every problem is a :class:`SettingsError` naming the key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(
+            f"no settings file at {path}; run `ciss init {path.parent}` to create one"
+        ) from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{path.name}: not UTF-8 text; save {path} as UTF-8") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read {path}: {exc.strerror}; check the file's permissions") from None
+    return parse_settings(text, source=path.name)
+
+
+# One line for every key of the default file. A key missing here is a bug that default_settings_toml reports.
+_COMMENTS: dict[str, dict[str, str]] = {
+    "daemon": {
+        "settle_seconds": "Seconds a folder with batch.toml must stay unchanged to count as complete.",
+        "rescan_seconds": "Seconds between full scans of the inbox (watcher events are only a hint).",
+        "dispatch_seconds": "Seconds between checks for a queued step to start.",
+        "training_window": 'Cron "minute hour day month day_of_week" when training may start, e.g. '
+        '"* 22-23,0-5 * * *"; "" = any time.',
+        "max_attempts": "Attempts per training job (crash, out of memory, restart) before its step fails.",
+        "device": '"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".',
+        "checkpoint_every": "Training iterations between checkpoints a restarted job resumes from.",
+        "keep_checkpoints": "Newest checkpoints kept in each job folder.",
+        "log_level": "One of DEBUG, INFO, WARNING, ERROR, CRITICAL.",
+    },
+    "gate": {
+        "old_miou_budget": "Old-class mIoU (0..1) may fall at most this much below the current model's.",
+        "new_miou_floor": "New-class mIoU (0..1) must reach at least this.",
+        "auto_promote": "false: every trained step is held until `ciss promote` or `ciss discard`.",
+    },
+    "limits": {
+        "max_batch_bytes": "Largest batch folder accepted, in bytes (2 GiB).",
+        "max_files": "Most files in one batch folder.",
+        "max_image_pixels": "Most pixels in one image (guards against decompression bombs).",
+        "max_image_side": "Longest image side, in pixels.",
+    },
+    "catalog": {
+        "url": '"" = catalog.sqlite in this workspace; or a URL such as "postgresql://user@host/ciss".',
+    },
+    "model": {
+        "backbone": "One of resnet101, resnet50, resnet18, mobilenet_v3_large.",
+        "output_stride": "8 or 16: input size over feature size.",
+        "pretrained": 'Backbone weights: unset = random init; "imagenet"; or a path to a state-dict file.',
+        "head_dropout": "Dropout before the classifiers, 0..1.",
+    },
+    "loss": {
+        "mbce": "Weight of the multi-label BCE on the new classes.",
+        "kd": "Weight of the distillation of old-class logits.",
+        "dkd_pos": "Weight of the positive-reasoning distillation (DKD+).",
+        "dkd_neg": "Weight of the negative-reasoning distillation (DKD-).",
+        "ac": "Weight of the auxiliary-classifier loss.",
+        "pos_weight_base": "BCE positive weight at step 0 (VOC 2, ADE20K 35).",
+        "pos_weight_incremental": "BCE positive weight after step 0 (VOC 1, ADE20K 35).",
+    },
+    "train": {
+        "method": "dkd (full method), finetune, kd or kd_dkd_randinit.",
+        "lr_base": "Learning rate of the backbone at step 0.",
+        "lr_incremental": "Learning rate of the backbone after step 0.",
+        "head_lr_mult": "The head and classifiers learn this many times faster than the backbone.",
+        "momentum": "SGD momentum, 0..1.",
+        "nesterov": "Nesterov momentum.",
+        "weight_decay": "SGD weight decay.",
+        "poly_power": "Power of the polynomial learning-rate decay.",
+        "epochs_base": "Epochs of step 0.",
+        "epochs_incremental": "Epochs of each later step.",
+        "batch_size": "Images per iteration (over all GPUs).",
+        "crop_size": "Side of the square training crop, in pixels.",
+        "scale_min": "Smallest random rescale before cropping.",
+        "scale_max": "Largest random rescale before cropping.",
+        "bn_momentum_base": "Batch-norm momentum at step 0 (later steps freeze batch norm).",
+        "amp": "Mixed precision where the device supports it (CUDA).",
+        "setting": "overlap or disjoint: which images of a batch a step trains on.",
+        "memory_size": "DKD-M exemplar memory, in images; 0 disables it.",
+        "seed": "Random seed.",
+        "num_workers": "Data-loading worker processes.",
+        "checkpoint_every": "Engine iterations between checkpoints (and one at every epoch end).",
+    },
+}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:_}" if value >= 10_000 else str(value)
+    if isinstance(value, float):
+        return repr(value)
+    # A JSON string literal is a valid TOML basic string.
+    return json.dumps(value)
+
+
+def default_settings_toml() -> str:
+    """The text of a new ``ciss.toml``: every key with its default value and one comment line."""
+    defaults = Settings()
+    instances: dict[str, Any] = {
+        "daemon": defaults.daemon,
+        "gate": defaults.gate,
+        "limits": defaults.limits,
+        "catalog": defaults.catalog,
+        "model": defaults.engine.model,
+        "loss": defaults.engine.loss,
+        "train": defaults.engine.train,
+    }
+    lines = [
+        "# ciss settings. Every key is shown with its default; `ciss daemon` reads this file at start-up."
+    ]
+    for section, instance in instances.items():
+        lines += ["", f"[{section}]"]
+        for f in dataclasses.fields(instance):
+            value = getattr(instance, f.name)
+            lines.append(f"# {_COMMENTS[section][f.name]}")
+            if value is None:
+                # TOML has no null: an unset optional key stays commented out.
+                lines.append(f"# {f.name} = (unset)")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

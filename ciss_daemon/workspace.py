@@ -1,0 +1,143 @@
+"""The workspace: one folder that holds the settings, inbox, catalog, data store, models and job folders."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ciss_daemon.exceptions import WorkspaceError
+from ciss_daemon.settings import Settings, default_settings_toml, parse_settings
+
+ENV_VAR = "CISS_WORKSPACE"
+SETTINGS_FILE = "ciss.toml"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths inside one workspace folder; ``root`` is absolute."""
+
+    root: Path
+
+    @property
+    def settings_path(self) -> Path:
+        return self.root / SETTINGS_FILE
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def staging(self) -> Path:
+        # Inside the inbox, so that `ciss submit` hands a folder over with one rename on the same filesystem.
+        return self.inbox / ".staging"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.sqlite"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def current(self) -> Path:
+        return self.models / "current"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / "rejected"
+
+    @property
+    def archive(self) -> Path:
+        return self.root / "archive"
+
+    @property
+    def backups(self) -> Path:
+        return self.root / "backups"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "daemon.lock"
+
+    def catalog_url(self, settings: Settings) -> str:
+        """The catalog's SQLAlchemy URL: ``[catalog] url`` when set, else the workspace's SQLite file."""
+        return settings.catalog.url or f"sqlite:///{self.catalog_path}"
+
+    def folders(self) -> tuple[Path, ...]:
+        """Every folder a workspace needs, parents first."""
+        return (
+            self.inbox,
+            self.staging,
+            self.store,
+            self.models,
+            self.jobs,
+            self.rejected,
+            self.archive,
+            self.backups,
+        )
+
+
+def init_workspace(root: Path, *, settings_text: str | None = None) -> Workspace:
+    """Create a workspace at ``root`` with its folders and a ``ciss.toml`` (the defaults unless given).
+
+    The catalog is not created here: the caller upgrades it (``catalog.upgrade_catalog``) once settings are
+    known, since ``[catalog] url`` may point elsewhere.
+    """
+    workspace = Workspace(root.expanduser().resolve())
+    if workspace.settings_path.exists():
+        raise _already_a_workspace(workspace.root)
+    if workspace.root.exists() and not workspace.root.is_dir():
+        raise WorkspaceError(f"cannot create a workspace at {workspace.root}: it is a file; choose a folder")
+    text = default_settings_toml() if settings_text is None else settings_text
+    # Check before creating anything, so a bad text leaves no half-made workspace behind.
+    parse_settings(text)
+    try:
+        for folder in workspace.folders():
+            folder.mkdir(parents=True, exist_ok=True)
+        _write_new(workspace.settings_path, text)
+    except FileExistsError as exc:
+        if Path(exc.filename) == workspace.settings_path:
+            raise _already_a_workspace(workspace.root) from None
+        raise WorkspaceError(f"cannot create folder {exc.filename}: a file is in the way; move it") from None
+    except OSError as exc:
+        raise WorkspaceError(f"cannot create {exc.filename}: {exc.strerror}; check the permissions") from None
+    return workspace
+
+
+def _already_a_workspace(root: Path) -> WorkspaceError:
+    return WorkspaceError(
+        f"{root} is already a workspace ({SETTINGS_FILE} exists); edit that file or choose another folder"
+    )
+
+
+def _write_new(path: Path, text: str) -> None:
+    # Exclusive create: a second `ciss init` racing this one fails instead of overwriting its file.
+    with path.open("x", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def find_workspace(explicit: Path | None = None) -> Workspace:
+    """The workspace at ``explicit``, else at ``$CISS_WORKSPACE``, else in the current folder."""
+    if explicit is not None:
+        root = explicit
+    elif os.environ.get(ENV_VAR):
+        root = Path(os.environ[ENV_VAR])
+    else:
+        root = Path.cwd()
+    workspace = Workspace(root.expanduser().resolve())
+    if not workspace.settings_path.is_file():
+        raise WorkspaceError(
+            f"no ciss workspace at {workspace.root}; run `ciss init {workspace.root}` or pass --workspace"
+        )
+    return workspace
