@@ -1,4 +1,393 @@
-"""Placeholder replaced by the CLI module."""
-import typer
+"""The ``ciss`` command line: a thin Typer layer over the daemon's modules.
 
-app = typer.Typer()
+Library code raises :class:`~ciss_daemon.exceptions.CissError` (or the engine's ``EngineError``); this layer
+prints one line, ``Error: ...``, and exits with code 1, never a traceback. Commands that read the catalog
+only (``status``, ``classes``) never import torch, so they answer in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from ciss_daemon.exceptions import CissError
+
+app = typer.Typer(
+    name="ciss",
+    help="A continual-learning daemon for class-incremental semantic segmentation (DKD).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Workspace folder (default: $CISS_WORKSPACE, else the current folder).",
+        show_default=False,
+    ),
+]
+
+
+def friendly(func: F) -> F:
+    """Turn the errors meant for users into one line on stderr and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CissError as error:
+            err_console.print(f"Error: {error}", markup=False, highlight=False)
+            raise typer.Exit(code=1) from None
+        except Exception as error:
+            engine_error = _engine_error_type()
+            if engine_error is not None and isinstance(error, engine_error):
+                err_console.print(f"Error: {error}", markup=False, highlight=False)
+                raise typer.Exit(code=1) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _engine_error_type() -> type[Exception] | None:
+    module = sys.modules.get("engine.exceptions")
+    return getattr(module, "EngineError", None)
+
+
+def _open(workspace: Path | None) -> tuple[Any, Any]:
+    from ciss_daemon.settings import load_settings
+    from ciss_daemon.workspace import find_workspace
+
+    ws = find_workspace(workspace)
+    return ws, load_settings(ws.settings_path)
+
+
+def _reader(ws: Any, settings: Any) -> Any:
+    """A read-only session factory; never upgrades the catalog (the daemon does that)."""
+    from ciss_daemon import catalog
+
+    url = ws.catalog_url(settings)
+    catalog.check_catalog(url)
+    return catalog.session_factory(catalog.make_engine(url))
+
+
+# --- init, daemon, submit ------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder to make a workspace in.")] = Path("."),
+) -> None:
+    """Create a workspace: ciss.toml (commented), inbox/, catalog, store/, models/, jobs/, ...
+
+    Example: ciss init /srv/ciss
+    """
+    from ciss_daemon import catalog
+    from ciss_daemon.settings import load_settings
+    from ciss_daemon.workspace import init_workspace
+
+    ws = init_workspace(directory)
+    settings = load_settings(ws.settings_path)
+    catalog.upgrade_catalog(ws.catalog_url(settings), backup_dir=ws.backups)
+    console.print(f"Workspace ready at {ws.root.resolve()}")
+    console.print(f"  settings: {ws.settings_path}\n  drop batch folders into: {ws.inbox}")
+    console.print(f"  start the service: ciss daemon --workspace {ws.root}")
+
+
+@app.command()
+@friendly
+def daemon(workspace: WorkspaceOption = None) -> None:
+    """Run the service in the foreground (what systemd runs). Stop it with Ctrl-C or SIGTERM.
+
+    Example: ciss daemon --workspace /srv/ciss
+    """
+    from ciss_daemon.daemon import run_daemon
+
+    ws, settings = _open(workspace)
+    raise typer.Exit(code=run_daemon(ws, settings))
+
+
+@app.command()
+@friendly
+def submit(
+    folder: Annotated[Path, typer.Argument(help="A batch folder with batch.toml, images/ and masks/.")],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Copy a batch folder into the inbox (staged, then renamed in, so it is complete at once).
+
+    Example: ciss submit ./bicycles-2026-11
+    """
+    from ciss_daemon.inbox import submit_folder
+
+    ws, _ = _open(workspace)
+    target = submit_folder(folder, ws.inbox)
+    console.print(f"Submitted {folder} as {target}; follow it with `ciss status`")
+
+
+# --- status, classes --------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def status(
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every second until Ctrl-C.")] = False,
+) -> None:
+    """Show the daemon, the current model, every step, the running job and recent rejections.
+
+    Example: ciss status --watch
+    """
+    from ciss_daemon import status as status_view
+
+    ws, settings = _open(workspace)
+    factory = _reader(ws, settings)
+    if as_json:
+        print(json.dumps(status_view.snapshot(ws, factory), indent=2))
+        return
+    if not watch:
+        console.print(status_view.render(status_view.snapshot(ws, factory), ws))
+        return
+    from rich.live import Live
+
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                live.update(status_view.render(status_view.snapshot(ws, factory), ws), refresh=True)
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+@friendly
+def classes(
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List every class: global id, name, the step that teaches it, and whether it is taught.
+
+    Example: ciss classes --json
+    """
+    from ciss_daemon import status as status_view
+
+    ws, settings = _open(workspace)
+    rows = status_view.class_rows(_reader(ws, settings))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    console.print(status_view.class_table(rows))
+
+
+# --- operator ----------------------------------------------------------------------------------------------
+
+
+def _operate(workspace: Path | None, action: str, target: str | None) -> None:
+    from ciss_daemon.operator import run_action
+
+    ws, settings = _open(workspace)
+    console.print(run_action(ws, ws.catalog_url(settings), action, target))
+
+
+@app.command()
+@friendly
+def promote(
+    target: Annotated[
+        str | None, typer.Argument(help="Model version (v0003) or step index; default: the held step.")
+    ] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Promote a held candidate model to models/current.
+
+    Example: ciss promote v0003
+    """
+    _operate(workspace, "promote", target)
+
+
+@app.command()
+@friendly
+def discard(
+    target: Annotated[
+        str | None, typer.Argument(help="Model version or step index; default: the held step.")
+    ] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Discard a held (or not yet trained) step; its classes may be taught again by a later batch.
+
+    Example: ciss discard 4
+    """
+    _operate(workspace, "discard", target)
+
+
+@app.command()
+@friendly
+def rollback(
+    version: Annotated[str, typer.Argument(help="An earlier promoted model version, e.g. v0002.")],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Make an earlier model current again; the classes it does not know become untaught.
+
+    Example: ciss rollback v0002
+    """
+    _operate(workspace, "rollback", version)
+
+
+# --- models: eval, predict, report, export ---------------------------------------------------------------
+
+
+def _model_dir(ws: Any, factory: Any, version: str | None) -> Path:
+    """The folder of the named version, or of models/current resolved once (never a mix of two models)."""
+    from ciss_daemon import catalog
+    from ciss_daemon.promotion import resolve_current
+
+    if version:
+        with factory() as s:
+            return Path(catalog.find_version(session=s, version=version).path)
+    current = resolve_current(ws.models)
+    if current is None:
+        raise CissError(f"no model has been promoted yet in {ws.root}; drop a batch into {ws.inbox} first")
+    return current
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    version: Annotated[str | None, typer.Option("--model", help="Model version; default: current.")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Evaluate a model on the held-out images of every step and every evaluation batch.
+
+    Example: ciss eval --model v0002
+    """
+    from ciss_daemon import status as status_view
+    from ciss_daemon.planning import evaluate_version
+
+    ws, settings = _open(workspace)
+    factory = _reader(ws, settings)
+    metrics, names = evaluate_version(factory, _model_dir(ws, factory, version), settings)
+    if as_json:
+        print(json.dumps(metrics.to_dict(), indent=2))
+        return
+    console.print(status_view.metrics_table(metrics, names))
+
+
+@app.command()
+@friendly
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("predictions"),
+    version: Annotated[str | None, typer.Option("--model", help="Model version; default: current.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Write per image a class-index PNG, a colour mask with a legend, and an overlay.
+
+    Example: ciss predict photos/ --out predictions/
+    """
+    from rich.progress import Progress
+
+    from ciss_daemon.visualize import expand_inputs, predict_images
+
+    ws, settings = _open(workspace)
+    model_dir = _model_dir(ws, _reader(ws, settings), version)
+    files = expand_inputs(images)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("predicting", total=len(files))
+        results = predict_images(
+            model_dir,
+            files,
+            out,
+            device=device,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        err_console.print(f"skipped {r.image}: {r.error}", markup=False, highlight=False)
+    console.print(f"{len(results) - len(failed)} of {len(results)} images predicted into {out}")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@friendly
+def report(
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.html and the PNG plots.")] = Path(
+        "report"
+    ),
+    samples: Annotated[int, typer.Option(help="Held-out images shown with predictions.")] = 4,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Write an HTML report: mIoU per step, IoU per class over steps, loss curves, sample predictions.
+
+    Example: ciss report --out report/
+    """
+    from ciss_daemon.planning import report_data
+    from ciss_daemon.report import build_report
+
+    ws, settings = _open(workspace)
+    page = build_report(report_data(ws, _reader(ws, settings), samples=samples), out)
+    console.print(f"Report written to {page}")
+
+
+@app.command()
+@friendly
+def export(
+    out: Annotated[Path, typer.Argument(help="File to write, e.g. model.onnx or model.pt.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    version: Annotated[str | None, typer.Option("--model", help="Model version; default: current.")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Export a model as a file another program loads without ciss (class names and palette inside).
+
+    Example: ciss export model.onnx --format onnx
+    """
+    from ciss_daemon.export import export_model
+
+    ws, settings = _open(workspace)
+    path = export_model(_model_dir(ws, _reader(ws, settings), version), out, fmt)
+    console.print(f"Exported to {path}")
+
+
+# --- demo ---------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def demo(
+    directory: Annotated[Path, typer.Option("--dir", help="Folder for the demo workspace and data.")] = Path(
+        "demo-workspace"
+    ),
+    steps: Annotated[int, typer.Option(help="Incremental batches after the base batch (at least 2).")] = 2,
+    quick: Annotated[bool, typer.Option(help="Tiny data and epochs (what the tests run).")] = False,
+) -> None:
+    """Run the whole loop on generated data on a CPU: workspace, daemon, batches, promotions, report.
+
+    Example: ciss demo --dir /tmp/ciss-demo
+    """
+    from ciss_daemon.demo import run_demo
+
+    run_demo(directory, incremental=steps, quick=quick, console=console)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

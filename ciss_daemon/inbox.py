@@ -31,6 +31,9 @@ Signature = tuple[tuple[str, int, int], ...]  # (relative path, size, mtime_ns) 
 _READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})
 
 
+SUBMITTED_MARKER = ".ciss-submitted"  # in a folder `ciss submit` renamed in whole: no need to settle
+
+
 def folder_signature(folder: Path) -> Signature:
     """(relative path, size, mtime_ns) of every entry under `folder` (lstat), sorted; () when it is gone."""
     entries = []
@@ -114,7 +117,8 @@ def submit_folder(source: Path, inbox: Path) -> Path:
     """Copy the batch folder `source` into the inbox so that it appears whole at once; return its inbox path.
 
     The copy is made in a hidden staging folder inside the inbox (same file system), synced to disk, then
-    renamed in. Links are copied as links, never followed, so validation sees and rejects them.
+    renamed in. Links are copied as links, never followed, so validation sees and rejects them. The copy
+    carries a ``SUBMITTED_MARKER`` file, which tells the daemon it need not wait for the folder to settle.
     """
     # abspath resolves "." and ".." without following links, so the batch is named after the folder itself.
     source = Path(os.path.abspath(source))
@@ -146,6 +150,7 @@ def submit_folder(source: Path, inbox: Path) -> Path:
     try:
         # copytree ends with copystat, so the folder gets the source's permissions, not mkdtemp's 0700.
         shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
+        (staging / SUBMITTED_MARKER).touch()
         _fsync_tree(staging)
         os.rename(staging, target)
         _fsync_dir(inbox)

@@ -57,8 +57,7 @@ class DaemonSettings:
     training_window: str = ""
     max_attempts: int = 3
     device: str = "auto"
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
+    stop_timeout_seconds: float = 120.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -70,8 +69,7 @@ class DaemonSettings:
         _at_least("daemon", "max_attempts", self.max_attempts, 1)
         if not _DEVICE.fullmatch(self.device):
             raise SettingsError(f"daemon.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
-        _at_least("daemon", "checkpoint_every", self.checkpoint_every, 1)
-        _at_least("daemon", "keep_checkpoints", self.keep_checkpoints, 1)
+        _above("daemon", "stop_timeout_seconds", self.stop_timeout_seconds, 0)
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(f"daemon.log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 
@@ -195,8 +193,8 @@ _COMMENTS: dict[str, dict[str, str]] = {
         '"* 22-23,0-5 * * *"; "" = any time.',
         "max_attempts": "Attempts per training job (crash, out of memory, restart) before its step fails.",
         "device": '"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".',
-        "checkpoint_every": "Training iterations between checkpoints a restarted job resumes from.",
-        "keep_checkpoints": "Newest checkpoints kept in each job folder.",
+        "stop_timeout_seconds": "Seconds a stopping daemon waits for training to checkpoint (keep under "
+        "the unit's TimeoutStopSec).",
         "log_level": "One of DEBUG, INFO, WARNING, ERROR, CRITICAL.",
     },
     "gate": {
@@ -249,7 +247,7 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "memory_size": "DKD-M exemplar memory, in images; 0 disables it.",
         "seed": "Random seed.",
         "num_workers": "Data-loading worker processes.",
-        "checkpoint_every": "Engine iterations between checkpoints (and one at every epoch end).",
+        "checkpoint_every": "Iterations between checkpoints (one is also written at each epoch end).",
     },
 }
 

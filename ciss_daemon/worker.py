@@ -153,6 +153,7 @@ def run(job_dir: Path) -> int:
         write_json(
             job_dir / RESULT,
             {
+                "step_index": request.step_index,
                 "metrics": result.metrics.to_dict(),
                 "current_metrics": current.to_dict() if current else None,
                 "files": result.files,

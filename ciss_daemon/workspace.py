@@ -65,6 +65,11 @@ class Workspace:
         return self.root / "backups"
 
     @property
+    def requests(self) -> Path:
+        """Operator requests (promote, discard, rollback) the running daemon carries out."""
+        return self.root / "requests"
+
+    @property
     def lock_path(self) -> Path:
         return self.root / "daemon.lock"
 
@@ -83,6 +88,7 @@ class Workspace:
             self.rejected,
             self.archive,
             self.backups,
+            self.requests,
         )
 
 

@@ -11,6 +11,7 @@ from batchmaker import make_batch
 from ciss_daemon.exceptions import SubmitError, WorkspaceError
 from ciss_daemon.inbox import (
     STAGING,
+    SUBMITTED_MARKER,
     CompletenessTracker,
     InboxWatcher,
     accept_folder,
@@ -110,7 +111,7 @@ def test_submit_copies_through_staging_and_renames_in(tmp_path: Path) -> None:
     inbox.mkdir()
     target = submit_folder(source, inbox)
     assert target == inbox / "bikes"
-    assert tree_bytes(target) == tree_bytes(source)
+    assert tree_bytes(target) == {**tree_bytes(source), SUBMITTED_MARKER: b""}
     assert (target / "images/0009.png").is_symlink()  # kept as a link, for validation to refuse
     assert list((inbox / STAGING).iterdir()) == []
     assert candidate_folders(inbox) == [target]

@@ -1,0 +1,526 @@
+"""The daemon: inbox -> catalog -> training job -> gate -> promoted model.
+
+One loop in the main thread does all the work (it is the catalog's only writer). Watcher events and
+APScheduler's interval timers only set flags and wake the loop; each iteration catches, logs and carries
+on, so one bad batch or a failed job never stops the service. ``tick(now)`` takes the time as an argument
+so tests drive it without sleeping.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ciss_daemon import catalog, service
+from ciss_daemon.db import Batch, Class, Job, ModelVersion, Step
+from ciss_daemon.exceptions import CissError
+from ciss_daemon.inbox import (
+    SUBMITTED_MARKER,
+    CompletenessTracker,
+    InboxWatcher,
+    accept_folder,
+    candidate_folders,
+    reject_folder,
+)
+from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan
+from ciss_daemon.operator import apply_requests, promote
+from ciss_daemon.planning import build_request
+from ciss_daemon.promotion import current_target, fsync_dir, gate, swap_current
+from ciss_daemon.settings import Settings
+from ciss_daemon.validation import Problem, validate_batch
+from ciss_daemon.worker import CANDIDATE
+from ciss_daemon.workspace import Workspace
+
+log = logging.getLogger("ciss.daemon")
+
+
+def utc(now: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(now, dt.UTC)
+
+
+class Daemon:
+    """The service of one workspace. ``run()`` is ``ciss daemon``; tests call ``start()``/``tick()``."""
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        watch: bool = True,
+    ) -> None:
+        self.ws = workspace
+        self.settings = settings
+        self.clock = clock
+        self.watch = watch
+        self.tracker = CompletenessTracker(settings.daemon.settle_seconds)
+        self.wakeup = threading.Event()
+        self.stopping = threading.Event()
+        self.rescan_due = True
+        self.retention_due = True
+        self.pending: set[Path] = set()  # inbox folders seen but not yet settled
+        self.process: TrainingProcess | None = None
+        self.process_job_id: int | None = None
+        self.last_progress_write = 0.0
+        self.lock = service.InstanceLock(workspace.lock_path)
+        self.watcher: InboxWatcher | None = None
+        self.scheduler: Any = None
+        self.factory: sessionmaker[Session] | None = None
+        self.window: Any = None
+
+    # --- life cycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the lock, upgrade the catalog (after a backup), repair what a crash left, start the timers."""
+        self.lock.acquire()
+        url = self.ws.catalog_url(self.settings)
+        backup = catalog.upgrade_catalog(url, backup_dir=self.ws.backups)
+        if backup is not None:
+            log.info("catalog upgraded; the previous one is saved at %s", backup)
+        self.factory = catalog.session_factory(catalog.make_engine(url))
+        if self.settings.daemon.training_window:
+            from apscheduler.triggers.cron import CronTrigger
+
+            self.window = CronTrigger.from_crontab(self.settings.daemon.training_window, timezone=dt.UTC)
+        self.recover()
+        if self.watch:
+            self.watcher = InboxWatcher(self.ws.inbox)
+            try:
+                self.watcher.start()
+            except OSError as error:  # e.g. the inotify watch limit: periodic rescans still find everything
+                log.warning(
+                    "inbox watcher unavailable (%s); relying on rescans every %.0f s",
+                    error,
+                    self.settings.daemon.rescan_seconds,
+                )
+                self.watcher = None
+        self._start_timers()
+
+    def _start_timers(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        d = self.settings.daemon
+        self.scheduler = BackgroundScheduler(timezone=dt.UTC)
+        self.scheduler.add_job(self._flag_rescan, "interval", seconds=d.rescan_seconds, id="rescan")
+        self.scheduler.add_job(self.wakeup.set, "interval", seconds=d.dispatch_seconds, id="dispatch")
+        self.scheduler.add_job(self._flag_retention, "interval", hours=1, id="retention")
+        self.scheduler.start()
+
+    def _flag_rescan(self) -> None:
+        self.rescan_due = True
+        self.wakeup.set()
+
+    def _flag_retention(self) -> None:
+        self.retention_due = True
+        self.wakeup.set()
+
+    def request_stop(self, *_: Any) -> None:
+        """Signal handler: only sets a flag; the loop does the stopping."""
+        self.stopping.set()
+        self.wakeup.set()
+
+    def run(self) -> int:
+        """``ciss daemon``: serve until SIGTERM or SIGINT, then checkpoint the running job and exit 0."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.start()
+        service.notify(READY=1, STATUS="watching the inbox")
+        log.info("ciss daemon started on %s (pid %d)", self.ws.root, os.getpid())
+        watchdog = service.watchdog_interval()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.tick(self.clock())
+                except Exception:  # one bad iteration must never end the service
+                    log.exception("daemon iteration failed; carrying on")
+                if watchdog:
+                    service.notify(WATCHDOG=1)
+                timeout = self.settings.daemon.dispatch_seconds
+                if self.process is not None:
+                    timeout = min(timeout, 1.0)
+                if watchdog:
+                    timeout = min(timeout, watchdog)
+                self.wakeup.wait(timeout)
+                self.wakeup.clear()
+        finally:
+            service.notify(STOPPING=1, STATUS="stopping: checkpointing the running job")
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        """Stop the training child (it checkpoints), requeue its job, stop timers and watcher, unlock."""
+        if self.process is not None:
+            outcome = self.process.stop(self.settings.daemon.stop_timeout_seconds)
+            try:
+                self.handle_outcome(outcome, self.clock(), stopping=True)
+            except Exception:
+                log.exception("could not record the stopped job; it resumes at the next start")
+            self.process = None
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.lock.release()
+        log.info("ciss daemon stopped")
+
+    # --- one iteration -------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """One pass: operator requests, inbox, the running job, the next job, housekeeping."""
+        apply_requests(self.ws, self.session, now=now)
+        changed = self.watcher is not None and self.watcher.changed.is_set()
+        if changed or self.rescan_due or self.pending:
+            if self.watcher is not None:
+                self.watcher.changed.clear()
+            self.rescan_due = False
+            self.scan_inbox(now)
+        self.poll_job(now)
+        self.dispatch(now)
+        if self.retention_due:
+            self.retention_due = False
+            self.retention()
+
+    def session(self) -> Any:
+        """A write transaction on the catalog (commits on success)."""
+        assert self.factory is not None, "start() first"
+        return catalog.transaction(self.factory)
+
+    # --- inbox --------------------------------------------------------------------------------------
+
+    def scan_inbox(self, now: float) -> None:
+        folders = candidate_folders(self.ws.inbox)
+        self.pending.intersection_update(folders)
+        for folder in folders:
+            complete = (folder / SUBMITTED_MARKER).exists() or self.tracker.observe(folder, now)
+            if not complete:
+                self.pending.add(folder)
+                continue
+            self.pending.discard(folder)
+            self.tracker.forget(folder)
+            try:
+                self.ingest(folder, now)
+            except Exception:  # the folder stays in the inbox and is tried again at the next scan
+                log.exception("could not ingest %s; it stays in the inbox", folder.name)
+
+    def ingest(self, folder: Path, now: float) -> None:
+        """Validate a complete folder; accept it as a batch (and a step) or reject it with its reasons."""
+        with self.session() as s:
+            unavailable = self.unavailable_names(s)
+            known = set(s.scalars(select(Batch.sha256)))
+        limits = self.settings.limits
+        result = validate_batch(
+            folder,
+            taught_names=unavailable,
+            known_hashes=known,
+            max_batch_bytes=limits.max_batch_bytes,
+            max_files=limits.max_files,
+            max_image_pixels=limits.max_image_pixels,
+            max_image_side=limits.max_image_side,
+        )
+        if not result.ok or result.batch is None:
+            self.reject(folder, result.problems, now)
+            return
+        batch = result.batch
+        stored, archived = accept_folder(
+            folder, store=self.ws.store, archive=self.ws.archive, sha256=batch.sha256, now=utc(now)
+        )
+        (stored / SUBMITTED_MARKER).unlink(missing_ok=True)
+        with self.session() as s:
+            row = catalog.record_batch(
+                session=s,
+                name=batch.name,
+                kind=batch.kind,
+                sha256=batch.sha256,
+                store_path=stored,
+                class_names=batch.classes,
+                n_train=len(batch.train_stems),
+                n_val=len(batch.val_stems),
+                now=utc(now),
+            )
+            if batch.kind == "train":
+                step = catalog.create_step(session=s, batch=row, now=utc(now))
+                catalog.create_job(
+                    session=s,
+                    step=step,
+                    max_attempts=self.settings.daemon.max_attempts,
+                    jobs_dir=self.ws.jobs,
+                    now=utc(now),
+                )
+                names = ", ".join(batch.classes.values())
+                message = f"batch {batch.name!r} accepted as step {step.index} ({names})"
+            else:
+                step = None
+                message = f"evaluation batch {batch.name!r} accepted ({len(batch.train_stems)} images)"
+            catalog.log_event(session=s, kind="accepted", message=message, step=step, now=utc(now))
+        log.info("%s; original archived at %s", message, archived)
+
+    def unavailable_names(self, s: Session) -> set[str]:
+        """Class names a new training batch may not declare: taught, or pending in an unfinished step."""
+        rows = s.execute(
+            select(Class.name, Class.taught, Step.state).outerjoin(Step, Class.step_id == Step.id)
+        )
+        return {name for name, taught, state in rows if taught or state not in catalog.RELEASED_STATES}
+
+    def reject(self, folder: Path, problems: list[Problem], now: float) -> None:
+        moved = reject_folder(folder, rejected=self.ws.rejected, problems=problems, now=utc(now))
+        reasons = [str(p) for p in problems]
+        with self.session() as s:
+            catalog.record_rejection(
+                session=s, batch_name=folder.name, reasons=reasons, path=moved, now=utc(now)
+            )
+            catalog.log_event(
+                session=s,
+                kind="rejected",
+                level="warning",
+                message=f"batch {folder.name!r} rejected: {reasons[0]}"
+                + (
+                    f" (and {len(reasons) - 1} more, see {moved / 'REJECTED.txt'})"
+                    if len(reasons) > 1
+                    else ""
+                ),
+                now=utc(now),
+            )
+        log.warning(
+            "batch %r rejected (%d problems): %s; see %s",
+            folder.name,
+            len(reasons),
+            reasons[0],
+            moved / "REJECTED.txt",
+        )
+
+    # --- jobs ---------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a crash or restart: stop orphan workers, requeue running jobs, repair ``models/current``."""
+        now = self.clock()
+        with self.session() as s:
+            for job in s.scalars(select(Job).where(Job.state == "running")):
+                stop_orphan(job.pid, Path(job.workdir), self.settings.daemon.stop_timeout_seconds)
+                self.end_attempt(s, job, "the daemon restarted during training", now)
+            self.reconcile_current(s, now)
+
+    def reconcile_current(self, s: Session, now: float) -> None:
+        """Make ``models/current`` and the catalog agree after a crash in the middle of a promotion.
+
+        The pointer is swapped before the catalog is updated: a pointer naming a candidate means the
+        promotion was decided, so it is completed; any other disagreement is settled by the catalog.
+        """
+        current = catalog.current_version(session=s)
+        target = current_target(self.ws.models)
+        if current is not None and target == current.version:
+            return
+        named = s.scalar(select(ModelVersion).where(ModelVersion.version == target)) if target else None
+        if named is not None and named.state == "candidate":
+            if named.step.state == "evaluating":
+                catalog.set_step_state(session=s, step=named.step, state="held", now=utc(now))
+            catalog.promote_version(
+                session=s, version=named, reason="promotion completed after a restart", now=utc(now)
+            )
+            catalog.log_event(
+                session=s,
+                kind="promoted",
+                message=f"{named.version} promotion completed after a restart",
+                step=named.step,
+                now=utc(now),
+            )
+        elif current is not None:
+            swap_current(self.ws.models, current.version)
+        elif target is not None:
+            (self.ws.models / "current").unlink()
+
+    def end_attempt(self, s: Session, job: Job, reason: str, now: float, *, counted: bool = True) -> None:
+        """Requeue a job whose attempt ended early, or fail its step once its attempts are spent."""
+        if not counted:
+            job.attempts -= 1  # a requested stop (SIGTERM) is not a failed attempt
+        if job.attempts >= job.max_attempts:
+            message = f"{reason}; gave up after {job.attempts} attempts"
+            catalog.finish_job(session=s, job=job, state="failed", error=message, now=utc(now))
+            catalog.log_event(
+                session=s,
+                kind="failed",
+                level="error",
+                message=f"step {job.step.index} failed: {message}",
+                step=job.step,
+                now=utc(now),
+            )
+            log.error("step %d failed: %s", job.step.index, message)
+            return
+        catalog.requeue_job(session=s, job=job, error=reason, now=utc(now))
+        catalog.log_event(
+            session=s,
+            kind="requeued",
+            level="warning" if counted else "info",
+            message=f"step {job.step.index}: {reason}; it resumes from its checkpoint",
+            step=job.step,
+            now=utc(now),
+        )
+
+    def dispatch(self, now: float) -> None:
+        """Start the next queued step when nothing trains and the training window is open."""
+        if self.process is not None or self.stopping.is_set() or not self.window_open(now):
+            return
+        with self.session() as s:
+            step = catalog.next_runnable_step(session=s)
+            if step is None:
+                return
+            job = s.scalar(select(Job).where(Job.step_id == step.id, Job.state == "queued").order_by(Job.id))
+            if job is None:
+                return
+            if job.attempts >= job.max_attempts:
+                catalog.finish_job(
+                    session=s,
+                    job=job,
+                    state="failed",
+                    error=f"gave up after {job.attempts} attempts",
+                    now=utc(now),
+                )
+                return
+            # Built in the same transaction as start_job: class ids of waiting steps may still move.
+            request = build_request(s, step, job, self.settings)
+            process = TrainingProcess.start(Path(job.workdir), request)
+            catalog.start_job(session=s, job=job, pid=process.pid, now=utc(now))
+            catalog.log_event(
+                session=s,
+                kind="training",
+                message=f"step {step.index} training started (attempt {job.attempts} of {job.max_attempts})",
+                step=step,
+                now=utc(now),
+            )
+        self.process, self.process_job_id = process, job.id
+        service.notify(STATUS=f"training step {step.index}")
+        log.info("step %d: training started (job %d, pid %d)", step.index, job.id, process.pid)
+
+    def window_open(self, now: float) -> bool:
+        if self.window is None:
+            return True
+        minute = utc(now).replace(second=0, microsecond=0)
+        fire = self.window.get_next_fire_time(None, minute)
+        return fire is not None and fire <= minute
+
+    def poll_job(self, now: float) -> None:
+        """Copy the child's progress into the catalog; handle its end."""
+        if self.process is None:
+            return
+        outcome = self.process.poll()
+        if outcome is None:
+            if now - self.last_progress_write >= 2.0:
+                self.record_progress(now)
+            return
+        self.record_progress(now)
+        self.handle_outcome(outcome, now)
+        self.process = None
+        service.notify(STATUS="watching the inbox")
+
+    def record_progress(self, now: float) -> None:
+        assert self.process is not None
+        progress = self.process.progress()
+        if progress is None:
+            return
+        self.last_progress_write = now
+        with self.session() as s:
+            job = s.get(Job, self.process_job_id)
+            if job is None or job.state != "running":
+                return
+            catalog.update_job_progress(session=s, job=job, progress=progress, now=utc(now))
+            if progress.get("phase") == "evaluating" and job.step.state == "training":
+                catalog.set_step_state(session=s, step=job.step, state="evaluating", now=utc(now))
+
+    def handle_outcome(self, outcome: Outcome, now: float, *, stopping: bool = False) -> None:
+        with self.session() as s:
+            job = s.get(Job, self.process_job_id)
+            if job is None or job.state != "running":
+                return
+            if outcome.kind == "done" and outcome.result is not None:
+                self.finish_training(s, job, outcome.result, now)
+            elif outcome.kind == "stopped":
+                self.end_attempt(s, job, "training stopped with the daemon", now, counted=False)
+            elif outcome.kind == "failed":
+                catalog.finish_job(session=s, job=job, state="failed", error=outcome.reason, now=utc(now))
+                catalog.log_event(
+                    session=s,
+                    kind="failed",
+                    level="error",
+                    message=f"step {job.step.index} failed: {outcome.reason}",
+                    step=job.step,
+                    now=utc(now),
+                )
+                log.error("step %d failed: %s", job.step.index, outcome.reason)
+            else:
+                self.end_attempt(s, job, outcome.reason, now, counted=not stopping)
+
+    def finish_training(self, s: Session, job: Job, result: dict[str, Any], now: float) -> None:
+        """Record the candidate, move it into ``models/``, then promote or hold it by the gate."""
+        step = job.step
+        catalog.finish_job(session=s, job=job, state="done", now=utc(now))
+        if step.state == "training":
+            catalog.set_step_state(session=s, step=step, state="evaluating", now=utc(now))
+        version = catalog.record_model_version(
+            session=s,
+            step=step,
+            models_dir=self.ws.models,
+            files=result["files"],
+            metrics={
+                "candidate": result["metrics"],
+                "current": result["current_metrics"],
+                "history": result["history"],
+            },
+            now=utc(now),
+        )
+        target = Path(version.path)
+        if target.exists():  # left by a crash after this move but before the catalog commit
+            shutil.rmtree(target)
+        Path(job.workdir, CANDIDATE).rename(target)
+        fsync_dir(self.ws.models)
+        g = self.settings.gate
+        decision = gate(
+            result["metrics"],
+            result["current_metrics"],
+            old_miou_budget=g.old_miou_budget,
+            new_miou_floor=g.new_miou_floor,
+            step_index=result["step_index"],
+        )
+        if decision.promote and g.auto_promote:
+            promote(self.ws, s, version, reason=decision.reason, now=now)
+            log.info("step %d: %s promoted (%s)", step.index, version.version, decision.reason)
+            return
+        reason = decision.reason if not decision.promote else "auto_promote is off"
+        catalog.set_step_state(session=s, step=step, state="held", reason=reason, now=utc(now))
+        catalog.log_event(
+            session=s,
+            kind="held",
+            level="warning",
+            message=f"step {step.index}: {version.version} held for the operator: {reason}; "
+            "`ciss promote` or `ciss discard`",
+            step=step,
+            now=utc(now),
+        )
+        log.warning("step %d: %s held: %s", step.index, version.version, reason)
+
+    def retention(self) -> None:
+        """Delete the checkpoints of finished jobs: their model or their failure is recorded."""
+        with self.session() as s:
+            finished = s.scalars(select(Job.workdir).where(Job.state.in_(("done", "failed", "cancelled"))))
+            for workdir in finished:
+                if workdir:
+                    Path(workdir, "checkpoint.pt").unlink(missing_ok=True)
+
+
+def run_daemon(workspace: Workspace, settings: Settings) -> int:
+    """Entry point of ``ciss daemon``."""
+    service.setup_logging(settings.daemon.log_level)
+    try:
+        return Daemon(workspace, settings).run()
+    except CissError as error:
+        log.error("%s", error)
+        return 1

@@ -1,0 +1,250 @@
+"""``ciss demo``: the whole loop on generated data on a CPU, in a few minutes.
+
+It makes a workspace, starts ``ciss daemon`` as a child process, submits a fully labelled evaluation
+batch, a broken batch (to show a rejection), a base batch and incremental batches one after the other,
+waits for each step to be promoted while showing the training progress, then stops the daemon and prints
+the status table, writes the report, and says where to look.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.orm import Session, sessionmaker
+
+from ciss_daemon import catalog, status
+from ciss_daemon.exceptions import CissError
+from ciss_daemon.inbox import submit_folder
+from ciss_daemon.operator import run_action
+from ciss_daemon.settings import load_settings
+from ciss_daemon.workspace import Workspace, init_workspace
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    protocol: str
+    image_size: int
+    train_per_step: int
+    val_per_step: int
+    eval_images: int
+    settings: str
+
+
+# Small, fast settings for a CPU. Random-init backbone: the paper's learning rates are 10x higher here
+# (ratio kept), batch-norm momentum 0.1 instead of 0.01 so its statistics settle in a short schedule, and
+# output stride 8 so 64x64 images keep 8x8 features. The gate is lenient: these are minutes-long runs.
+_SETTINGS = """\
+# ciss demo settings: a small model and short schedules for generated data on a CPU.
+[daemon]
+settle_seconds = 1.0
+rescan_seconds = 2.0
+dispatch_seconds = 0.5
+device = "cpu"
+
+[gate]
+old_miou_budget = 0.25
+new_miou_floor = 0.05
+
+[model]
+backbone = "resnet18"
+output_stride = {output_stride}
+
+[train]
+lr_base = 0.01
+lr_incremental = 0.001
+epochs_base = {epochs_base}
+epochs_incremental = {epochs_incremental}
+batch_size = {batch_size}
+crop_size = {crop_size}
+bn_momentum_base = 0.1
+amp = false
+checkpoint_every = 20
+"""
+
+
+def plan(*, incremental: int, quick: bool) -> DemoPlan:
+    if quick:
+        settings = _SETTINGS.format(
+            output_stride=16, epochs_base=2, epochs_incremental=1, batch_size=4, crop_size=32
+        )
+        return DemoPlan("-".join(["3"] + ["2"] * incremental), 32, 8, 2, 3 + 2 * incremental, settings)
+    settings = _SETTINGS.format(
+        output_stride=8, epochs_base=24, epochs_incremental=12, batch_size=16, crop_size=64
+    )
+    per_step = max(1, 10 // incremental)
+    return DemoPlan("-".join(["10"] + [str(per_step)] * incremental), 64, 120, 12, 40, settings)
+
+
+def run_demo(
+    directory: Path, *, incremental: int = 2, quick: bool = False, console: Console | None = None
+) -> None:
+    """Run the demo in ``directory`` (which must not exist yet, or be empty)."""
+    from engine.synthetic import generate_batches
+
+    console = console or Console()
+    if incremental < 2:
+        raise CissError(f"--steps {incremental}: the demo needs at least 2 incremental batches")
+    if directory.exists() and any(directory.iterdir()):
+        raise CissError(f"{directory} is not empty; remove it or pass another --dir")
+    p = plan(incremental=incremental, quick=quick)
+    started = time.monotonic()
+    console.print(
+        f"[bold]ciss demo[/] in {directory}: protocol {p.protocol} on generated {p.image_size}px images"
+    )
+    folders = generate_batches(
+        directory / "data",
+        p.protocol,
+        train_per_step=p.train_per_step,
+        val_per_step=p.val_per_step,
+        image_size=p.image_size,
+        eval_batch=p.eval_images,
+        prefix="shapes",
+    )
+    *train_batches, eval_batch = folders
+    broken = _broken_copy(train_batches[0], directory / "data" / "shapes-broken")
+    ws = init_workspace(directory / "workspace", settings_text=p.settings)
+    settings = load_settings(ws.settings_path)
+    log_path = ws.root / "daemon.log"
+    with open(log_path, "ab") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "ciss_daemon.cli", "daemon", "--workspace", str(ws.root)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        url = ws.catalog_url(settings)
+        _wait_for(
+            lambda: ws.catalog_path.exists() and _catalog_ready(url), daemon, log_path, "the daemon to start"
+        )
+        factory = catalog.session_factory(catalog.make_engine(url))
+        console.print("daemon started; submitting an evaluation batch and a broken batch")
+        submit_folder(eval_batch, ws.inbox)
+        submit_folder(broken, ws.inbox)
+        for index, folder in enumerate(train_batches):
+            submit_folder(folder, ws.inbox)
+            console.print(f"submitted [bold]{folder.name}[/] (step {index})")
+            _follow_step(ws, factory, url, index, daemon, log_path, console)
+        _wait_for(lambda: bool(status.snapshot(ws, factory)["rejections"]), daemon, log_path, "the rejection")
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+    console.print(status.render(status.snapshot(ws, factory), ws))
+    from ciss_daemon.planning import report_data
+    from ciss_daemon.report import build_report
+
+    page = build_report(report_data(ws, factory), directory / "report")
+    minutes = (time.monotonic() - started) / 60
+    console.print(f"\n[bold]Done in {minutes:.1f} minutes.[/] Where to look:")
+    console.print(f"  report:            {page}")
+    console.print(
+        f"  current model:     {ws.current}  (try `ciss predict {eval_batch / 'images'} -w {ws.root}`)"
+    )
+    console.print(f"  rejected batch:    {ws.rejected}  (REJECTED.txt says why)")
+    console.print(f"  status:            ciss status -w {ws.root}")
+    console.print(f"  daemon log:        {log_path}")
+
+
+def _broken_copy(source: Path, target: Path) -> Path:
+    """A copy of a batch with one mask removed and an undeclared class in the manifest, to be rejected."""
+    shutil.copytree(source, target)
+    next((target / "masks").glob("*.png")).unlink()
+    manifest = target / "batch.toml"
+    manifest.write_text(manifest.read_text(encoding="utf-8") + '254 = "unicorn"\n', encoding="utf-8")
+    return target
+
+
+def _catalog_ready(url: str) -> bool:
+    try:
+        catalog.check_catalog(url)
+    except CissError:
+        return False
+    return True
+
+
+def _wait_for(
+    ready: Callable[[], bool],
+    daemon: subprocess.Popen[bytes],
+    log_path: Path,
+    what: str,
+    timeout: float = 600,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if daemon.poll() is not None:
+            raise CissError(
+                f"the daemon exited (code {daemon.returncode}) while waiting for {what}; see {log_path}"
+            )
+        if time.monotonic() > deadline:
+            raise CissError(f"gave up waiting for {what} after {timeout:.0f} s; see {log_path}")
+        time.sleep(0.3)
+
+
+def _follow_step(
+    ws: Workspace,
+    factory: sessionmaker[Session],
+    url: str,
+    index: int,
+    daemon: subprocess.Popen[bytes],
+    log_path: Path,
+    console: Console,
+) -> None:
+    """Show the step's training progress until it is promoted; promote it as an operator if it is held."""
+    with Progress(
+        TextColumn(f"  step {index}"),
+        TextColumn("{task.fields[phase]:<10}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} it  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("step", total=None, phase="queued", loss="-")
+        deadline = time.monotonic() + 1800
+        while True:
+            data = status.snapshot(ws, factory)
+            step = next((s for s in data["steps"] if s["index"] == index), None)
+            state = step["state"] if step else "waiting"
+            running = data.get("running")
+            if running and running["step"] == index:
+                p = running.get("progress") or {}
+                loss = (p.get("losses") or {}).get("total")
+                bar.update(
+                    task,
+                    completed=p.get("iteration") or 0,
+                    total=p.get("total"),
+                    phase=p.get("phase", "starting"),
+                    loss="-" if loss is None else f"{loss:.3f}",
+                )
+            if state == "promoted":
+                break
+            if state == "held":
+                console.print(f"  step {index} held: {step['reason']}; promoting it as an operator would")
+                run_action(ws, url, "promote", str(index))
+                continue
+            if state in ("failed", "discarded"):
+                raise CissError(f"step {index} {state}: {step['reason']}; see {log_path}")
+            if daemon.poll() is not None:
+                raise CissError(f"the daemon exited (code {daemon.returncode}); see {log_path}")
+            if time.monotonic() > deadline:
+                raise CissError(f"step {index} did not finish in 30 minutes; see {log_path}")
+            time.sleep(0.5)
+    current = status.snapshot(ws, factory)["current"]
+    m = current["metrics"]
+    console.print(
+        f"  step {index} promoted as {current['version']}: mIoU all {status.pct(m['miou_all'])}, "
+        f"old {status.pct(m['miou_old'])}, new {status.pct(m['miou_new'])}, hIoU {status.pct(m['hiou'])}"
+    )

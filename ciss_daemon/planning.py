@@ -1,0 +1,162 @@
+"""From catalog rows to what the engine needs: a step's training request, evaluation sets, report data.
+
+The daemon builds a worker's ``request.json`` here; ``ciss eval`` and ``ciss report`` use the same
+evaluation sets, so a number in the report is the number the gate saw. Nothing here imports torch at
+module level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ciss_daemon import catalog
+from ciss_daemon.db import Batch, Job, Step
+from ciss_daemon.settings import Settings
+from ciss_daemon.worker import CANDIDATE
+
+
+def batch_ref(batch: Batch, ids: dict[str, int]) -> dict[str, Any]:
+    """One batch as the engine's ``BatchRef`` (JSON), its mask values mapped by class name to the model's
+    ids. Classes the model does not know (not yet taught, or taught after it) are background, as
+    method.md masks unseen classes."""
+    value_map = {int(v): ids.get(name, 0) for v, name in batch.class_names.items()}
+    return {"name": batch.name, "folder": batch.store_path, "value_map": value_map, "kind": batch.kind}
+
+
+def step_sizes(classes: list[tuple[int, str, int]]) -> list[int]:
+    """Classes per step, in order, from a ``class_map`` (ids are contiguous per step)."""
+    sizes: list[int] = []
+    last = None
+    for _, _, index in classes:
+        if index != last:
+            sizes.append(0)
+            last = index
+        sizes[-1] += 1
+    return sizes
+
+
+def lineage(s: Session, before: int) -> list[Step]:
+    """The promoted steps before step index ``before``: the model's history."""
+    query = select(Step).where(Step.index < before, Step.state == "promoted").order_by(Step.index)
+    return list(s.scalars(query))
+
+
+def eval_refs(s: Session, steps: list[Step], ids: dict[str, int]) -> list[dict[str, Any]]:
+    """Held-out data of ``steps`` and every evaluation batch."""
+    evals = s.scalars(select(Batch).where(Batch.kind == "eval").order_by(Batch.id))
+    return [batch_ref(st.batch, ids) for st in steps] + [batch_ref(b, ids) for b in evals]
+
+
+def build_request(s: Session, step: Step, job: Job, settings: Settings) -> dict[str, Any]:
+    """The worker's request.json: the step's data, every held-out set so far, the teacher, the settings.
+
+    Build it in the same transaction that starts the job: the ids of a waiting step's classes may move
+    while an earlier step is released (see ``catalog._compact_class_ids``).
+    """
+    classes = catalog.class_map(session=s, upto_step=step.index)
+    sizes = step_sizes(classes)
+    ids = {name: cid for cid, name, _ in classes}
+    history = lineage(s, step.index)
+    current = catalog.current_version(session=s)
+    return {
+        "step_index": len(sizes) - 1,
+        "step_sizes": sizes,
+        "class_names": {cid: name for cid, name, _ in classes},
+        "train_batches": [batch_ref(step.batch, ids)],
+        "eval_batches": eval_refs(s, [*history, step], ids),
+        "memory_batches": [batch_ref(p.batch, ids) for p in history],
+        "teacher_dir": current.path if current is not None and len(sizes) > 1 else None,
+        "workdir": job.workdir,
+        "output_dir": str(Path(job.workdir) / CANDIDATE),
+        "config": settings.engine.to_dict(),
+        "device": settings.daemon.device,
+    }
+
+
+def evaluate_version(factory: sessionmaker[Session], model_dir: Path, settings: Settings) -> tuple[Any, dict]:
+    """``ciss eval``: metrics of the model in ``model_dir`` on every held-out set of its classes' steps.
+
+    Old classes are those of every step before the model's last one, new classes those of its last step.
+    """
+    from engine.runner import BatchRef, evaluate_model, load_model, resolve_device
+
+    device = resolve_device(settings.daemon.device)
+    model, meta = load_model(model_dir, device)
+    names = {c["id"]: c["name"] for c in meta["classes"]}
+    last_step = max(c["step"] for c in meta["classes"])
+    with factory() as s:
+        refs = eval_refs(s, steps_teaching(s, list(names.values())), {n: i for i, n in names.items()})
+    batches = [
+        BatchRef(r["name"], Path(r["folder"]), {int(k): v for k, v in r["value_map"].items()}, r["kind"])
+        for r in refs
+    ]
+    new = [c["id"] for c in meta["classes"] if c["step"] == last_step]
+    old = [c["id"] for c in meta["classes"] if c["step"] != last_step] or new
+    metrics = evaluate_model(
+        model,
+        batches,
+        num_classes=model.num_classes,
+        old_classes=old,
+        new_classes=new if last_step > 0 else [],
+        device=device,
+    )
+    return metrics, names
+
+
+def steps_teaching(s: Session, names: list[str]) -> list[Step]:
+    """The steps whose batches declare any of ``names``, in order: a model's history, found by its classes."""
+    wanted = set(names)
+    steps = [
+        b.step
+        for b in s.scalars(select(Batch).where(Batch.kind == "train"))
+        # A failed or discarded step's batch may declare a name a later step taught: skip it.
+        if b.step is not None
+        and b.step.state not in ("failed", "discarded")
+        and wanted & set(b.class_names.values())
+    ]
+    return sorted(steps, key=lambda st: st.index)
+
+
+def report_data(ws: Any, factory: sessionmaker[Session], *, samples: int = 4) -> Any:
+    """``ciss report``: metrics and loss curves of every step's model, plus sample predictions."""
+    from ciss_daemon.promotion import resolve_current
+    from ciss_daemon.report import ReportData, StepReport, sample_predictions
+
+    with factory() as s:
+        names = {cid: name for cid, name, _ in catalog.class_map(session=s, upto_step=10**9)}
+        steps = []
+        for step in s.scalars(select(Step).order_by(Step.index)):
+            versions = sorted(step.versions, key=lambda v: v.id)
+            version = versions[-1] if versions else None
+            metrics = (version.metrics or {}) if version is not None else {}
+            steps.append(
+                StepReport(
+                    index=step.index,
+                    version=version.version if version else None,
+                    state=step.state,
+                    metrics=metrics.get("candidate"),
+                    history=metrics.get("history") or [],
+                )
+            )
+        current = catalog.current_version(session=s)
+        pairs: list[tuple[Path, Path, dict[int, int]]] = []
+        if current is not None:
+            taught = {
+                name: cid for cid, name, _ in catalog.class_map(session=s, upto_step=current.step.index)
+            }
+            for ref in eval_refs(s, steps_teaching(s, list(taught)), taught):
+                folder = Path(ref["folder"])
+                split = folder if ref["kind"] == "eval" else folder / "val"
+                value_map = {int(k): v for k, v in ref["value_map"].items()}
+                for mask in sorted((split / "masks").glob("*.png"))[:samples]:
+                    image = next((p for p in (split / "images").glob(f"{mask.stem}.*")), None)
+                    if image is not None:
+                        pairs.append((image, mask, value_map))
+    model_dir = resolve_current(ws.models)
+    picked = pairs[:: max(1, len(pairs) // samples)][:samples] if pairs else []
+    shown = sample_predictions(model_dir, picked, samples) if model_dir is not None and picked else []
+    return ReportData(class_names=names, steps=steps, samples=shown, title=f"ciss report: {ws.root}")

@@ -1,0 +1,185 @@
+"""What ``ciss status`` and ``ciss classes`` show: read from the catalog only, never importing torch."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ciss_daemon import catalog, service
+from ciss_daemon.db import Class, Step
+from ciss_daemon.workspace import Workspace
+
+STATE_STYLES = {
+    "promoted": "green",
+    "held": "yellow",
+    "failed": "red",
+    "training": "cyan",
+    "evaluating": "cyan",
+    "queued": "blue",
+    "accepted": "blue",
+    "discarded": "dim",
+    "rolled_back": "magenta",
+}
+
+
+def snapshot(ws: Workspace, factory: sessionmaker[Session]) -> dict[str, Any]:
+    """The catalog's status snapshot plus whether a daemon holds the workspace."""
+    with factory() as s:
+        data = catalog.status_snapshot(session=s)
+    alive = service.daemon_alive(ws.lock_path)
+    data["daemon"] = {"alive": alive, "pid": service.read_pid(ws.lock_path) if alive else None}
+    data["workspace"] = str(ws.root)
+    return data
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def render(data: dict[str, Any], ws: Workspace) -> Group:
+    """The status screen: daemon, current model, running job, steps, queue, rejections, events."""
+    parts: list[Any] = []
+    daemon = data["daemon"]
+    head = Text()
+    head.append("daemon ")
+    head.append(
+        f"running (pid {daemon['pid']})" if daemon["alive"] else "not running",
+        style="green" if daemon["alive"] else "red",
+    )
+    head.append(f"   workspace {data['workspace']}")
+    parts.append(head)
+
+    current = data.get("current")
+    if current:
+        m = current["metrics"]
+        names = ", ".join(c["name"] for c in current["classes"])
+        parts.append(
+            Panel(
+                f"[bold]{current['version']}[/] (step {current['step']}), {len(current['classes'])} classes: "
+                f"{names}\nmIoU all {pct(m.get('miou_all'))}  old {pct(m.get('miou_old'))}  "
+                f"new {pct(m.get('miou_new'))}  hIoU {pct(m.get('hiou'))}",
+                title="current model",
+                expand=False,
+            )
+        )
+    else:
+        parts.append(Text(f"no model promoted yet; drop a batch folder into {ws.inbox}"))
+
+    running = data.get("running")
+    if running:
+        p = running.get("progress") or {}
+        done, total = p.get("iteration"), p.get("total")
+        bar = f"{done}/{total} it" if done is not None and total else p.get("phase", "starting")
+        loss = (p.get("losses") or {}).get("total")
+        parts.append(
+            Text(
+                f"training step {running['step']} ({running['batch']}), attempt {running['attempts']}/"
+                f"{running['max_attempts']}: {p.get('phase', 'starting')}, {bar}, epoch "
+                f"{(p.get('epoch') or 0) + 1}/{p.get('epochs', '?')}, loss "
+                f"{'-' if loss is None else f'{loss:.4f}'}, ETA {duration(running.get('eta_seconds'))}",
+                style="cyan",
+            )
+        )
+
+    steps = data["steps"]
+    if steps:
+        table = Table(title=f"steps ({len(steps)})", title_justify="left")
+        for column in ("step", "batch", "classes", "state", "note"):
+            table.add_column(column)
+        shown = steps if len(steps) <= 20 else steps[-20:]
+        for st in shown:
+            style = STATE_STYLES.get(st["state"], "")
+            classes = ", ".join(st["classes"])
+            table.add_row(
+                str(st["index"]),
+                st["batch"],
+                classes if len(classes) < 40 else classes[:37] + "...",
+                Text(st["state"], style=style),
+                st.get("reason") or "",
+            )
+        if len(steps) > 20:
+            table.caption = f"last 20 of {len(steps)} steps; `ciss status --json` lists all"
+        parts.append(table)
+    if data["queue"]:
+        queue = ", ".join(f"step {q['step']} ({q['batch']})" for q in data["queue"])
+        parts.append(Text(f"queue: {queue}"))
+    if data["rejections"]:
+        table = Table(title="recent rejections", title_justify="left")
+        for column in ("batch", "when", "first reason", "more"):
+            table.add_column(column)
+        for r in data["rejections"][:5]:
+            table.add_row(r["batch"], _when(r["at"]), r["reason"] or "", str(r["n_reasons"] - 1))
+        parts.append(table)
+    if data["events"]:
+        table = Table(title="recent events", title_justify="left")
+        table.add_column("when")
+        table.add_column("event")
+        for e in data["events"][:8]:
+            table.add_row(_when(e["at"]), Text(e["message"], style="red" if e["level"] == "error" else ""))
+        parts.append(table)
+    return Group(*parts)
+
+
+def _when(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    at = dt.datetime.fromisoformat(iso)
+    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def class_rows(factory: sessionmaker[Session]) -> list[dict[str, Any]]:
+    """Every class: id, name, step index and state, taught."""
+    with factory() as s:
+        rows = s.execute(
+            select(Class.id, Class.name, Class.taught, Step.index, Step.state)
+            .outerjoin(Step, Class.step_id == Step.id)
+            .order_by(Class.id)
+        )
+        return [
+            {"id": cid, "name": name, "taught": taught, "step": index, "step_state": state}
+            for cid, name, taught, index, state in rows
+        ]
+
+
+def class_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"classes ({sum(r['taught'] for r in rows)} taught)", title_justify="left")
+    for column in ("id", "name", "step", "taught"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            r["name"],
+            "-" if r["step"] is None else f"{r['step']} ({r['step_state']})",
+            Text("yes", style="green") if r["taught"] else Text("no", style="dim"),
+        )
+    return table
+
+
+def metrics_table(metrics: Any, names: dict[int, str]) -> Group:
+    """IoU per class and the mIoU summary of ``ciss eval`` (``metrics``: engine.evaluate.Metrics)."""
+    table = Table(title="IoU per class", title_justify="left")
+    table.add_column("id")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for cid, value in sorted(metrics.iou.items()):
+        table.add_row(str(cid), "background" if cid == 0 else names.get(cid, "?"), pct(value))
+    summary = Text(
+        f"mIoU all {pct(metrics.miou_all)}  old {pct(metrics.miou_old)}  new {pct(metrics.miou_new)}  "
+        f"hIoU {pct(metrics.hiou)}"
+    )
+    return Group(table, summary)
