@@ -28,7 +28,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,12 +50,12 @@ def friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except CissError as error:
-            err_console.print(f"Error: {error}", markup=False, highlight=False)
+            typer.echo(f"Error: {error}", err=True)
             raise typer.Exit(code=1) from None
         except Exception as error:
             engine_error = _engine_error_type()
             if engine_error is not None and isinstance(error, engine_error):
-                err_console.print(f"Error: {error}", markup=False, highlight=False)
+                typer.echo(f"Error: {error}", err=True)
                 raise typer.Exit(code=1) from None
             raise
 
@@ -318,7 +317,7 @@ def predict(
         )
     failed = [r for r in results if not r.ok]
     for r in failed:
-        err_console.print(f"skipped {r.image}: {r.error}", markup=False, highlight=False)
+        typer.echo(f"skipped {r.image}: {r.error}", err=True)
     console.print(f"{len(results) - len(failed)} of {len(results)} images predicted into {out}")
     if failed:
         raise typer.Exit(code=1)

@@ -244,7 +244,12 @@ class _SetOnChange(FileSystemEventHandler):
 
 
 class InboxWatcher:
-    """Sets `changed` whenever something under the inbox changes; the daemon waits on it with a timeout."""
+    """Sets `changed` when an entry of the inbox itself appears, goes or changes.
+
+    Only the top level is watched: a new folder is the news; the daemon then re-examines folders that
+    have not settled at every iteration, so a recursive watch (one inotify watch per subfolder, staging
+    copies included) would only add load.
+    """
 
     def __init__(self, inbox: Path) -> None:
         self.inbox = inbox
@@ -256,7 +261,7 @@ class InboxWatcher:
             return
         observer = Observer()
         observer.daemon = True  # never keeps the process alive on its own
-        observer.schedule(_SetOnChange(self.changed), str(self.inbox), recursive=True)
+        observer.schedule(_SetOnChange(self.changed), str(self.inbox), recursive=False)
         observer.start()
         self._observer = observer
 

@@ -59,6 +59,9 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Libraries narrate every migration step and timer run at INFO; the daemon logs what matters itself.
+    for chatty in ("alembic", "apscheduler"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
 
 class InstanceLock:

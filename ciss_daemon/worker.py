@@ -15,6 +15,7 @@ A crash (killed, segfault) leaves neither result nor error; the daemon retries f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -125,6 +126,7 @@ def run(job_dir: Path) -> int:
         return stop["requested"] or (parent != 0 and os.getppid() != parent)
 
     progress = ProgressWriter(job_dir / PROGRESS)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from engine.runner import evaluate_model, load_model, resolve_device, run_step
         from engine.train import new_class_ids

@@ -10,6 +10,7 @@ SyncBatchNorm where BatchNorm trains, and only rank 0 writes.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from engine.losses import ac_loss, dkd_loss, kd_loss, mbce_loss, weighted_total
 from engine.model import DKDSegmenter, SegOutput, upsample
 
 CHECKPOINT_FORMAT = 1
+log = logging.getLogger("ciss.engine.train")
 
 
 @dataclass
@@ -238,6 +240,13 @@ def train_step(
         history = [dict(h) for h in state["history"]]
         sums = dict(state["epoch_sums"])
         set_rng_state(state["rng"])
+        log.info(
+            "step %d: resuming from %s at epoch %d, iteration %d",
+            step_index,
+            checkpoint_path,
+            epoch,
+            iteration,
+        )
 
     def write_checkpoint() -> None:
         if checkpoint_path is None or rank != 0:
