@@ -67,8 +67,9 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.startswith("Error: ") and len(missing.stderr.strip().splitlines()) == 1
     nothing = run_ciss("predict", str(tmp_path), "--workspace", str(tmp_path / "ws"))
+    ws = tmp_path / "ws"
     assert nothing.stderr.strip() == (
-        f"Error: no model has been promoted yet in {tmp_path / 'ws'}; drop a batch into {tmp_path / 'ws' / 'inbox'} first"
+        f"Error: no model has been promoted yet in {ws}; drop a batch into {ws / 'inbox'} first"
     )
 
 
@@ -78,7 +79,8 @@ def test_status_never_imports_torch(tmp_path: Path) -> None:
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from ciss_daemon.cli import app\n"
-        f"for args in (['status', '-w', {str(tmp_path / 'ws')!r}], ['classes', '-w', {str(tmp_path / 'ws')!r}]):\n"
+        f"ws = {str(tmp_path / 'ws')!r}\n"
+        "for args in (['status', '-w', ws], ['classes', '-w', ws]):\n"
         "    assert CliRunner().invoke(app, args).exit_code == 0\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
