@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, func, inspect, or_, select, text
 from sqlalchemy.engine import URL, make_url
@@ -71,13 +72,20 @@ METRIC_KEYS = ("miou_all", "miou_old", "miou_new", "hiou")
 # --- connection ------------------------------------------------------------------------------------------
 
 
-def make_engine(url: str, *, foreign_keys: bool = True) -> Engine:
+def make_engine(url: str, *, foreign_keys: bool = True, read_only: bool = False) -> Engine:
     """An engine for the catalog at ``url``.
 
     SQLite connections get WAL mode, a busy timeout, ``synchronous = FULL`` and foreign keys (migrations
-    pass ``foreign_keys=False``: batch mode recreates tables that others refer to).
+    pass ``foreign_keys=False``: batch mode recreates tables that others refer to). Readers pass
+    ``read_only=True``: a reader that cannot write the catalog's folder then opens it read-only (see
+    :func:`_read_only_sqlite`).
     """
     parsed = _parse_url(url)
+    read_only_url = _read_only_sqlite(parsed) if read_only else None
+    if read_only_url is not None:
+        engine = create_engine(read_only_url)
+        _configure_sqlite(engine, foreign_keys=foreign_keys, read_only=True)
+        return engine
     try:
         engine = create_engine(parsed, pool_pre_ping=parsed.get_backend_name() != "sqlite")
     except (NoSuchModuleError, ImportError) as exc:
@@ -89,7 +97,7 @@ def make_engine(url: str, *, foreign_keys: bool = True) -> Engine:
     return engine
 
 
-def _configure_sqlite(engine: Engine, *, foreign_keys: bool) -> None:
+def _configure_sqlite(engine: Engine, *, foreign_keys: bool, read_only: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # SQLAlchemy emits BEGIN itself (_on_begin): the sqlite3 module's own transaction handling skips
@@ -98,8 +106,9 @@ def _configure_sqlite(engine: Engine, *, foreign_keys: bool) -> None:
         cursor = dbapi_connection.cursor()
         # The busy timeout goes first, so that switching to WAL waits for a lock rather than failing.
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = FULL")
+        if not read_only:  # setting the journal mode is a write; a read-only file keeps the daemon's
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
         cursor.close()
 
@@ -144,6 +153,26 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(url.database)
 
 
+def _read_only_sqlite(url: URL) -> URL | None:
+    """The SQLite catalog opened read-only, for a reader that cannot write its folder; else None.
+
+    In WAL mode SQLite reads through the ``-wal`` and ``-shm`` files beside the catalog and creates them
+    when they are missing, which a user who cannot write the workspace (``ciss status`` run by someone
+    else than the service's user) cannot do: every read then fails with "attempt to write a readonly
+    database". While a daemon runs (or after it crashed) the files exist and a ``mode=ro`` connection
+    reads through them. A stopped daemon removes them with its last connection, and then the file alone
+    holds every committed change, so it is read as ``immutable``, without them.
+    """
+    path = _sqlite_file(url)
+    if path is None or url.query.get("uri") or not path.exists():
+        return None
+    if os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
+        return None
+    wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
+    options = "mode=ro" if wal.exists() or shm.exists() else "mode=ro&immutable=1"
+    return make_url(f"sqlite:///file:{quote(str(path.resolve()))}?{options}&uri=true")
+
+
 # --- schema ----------------------------------------------------------------------------------------------
 
 
@@ -151,7 +180,7 @@ def _read_revision(url: URL) -> tuple[str | None, bool]:
     """The catalog's schema revision and whether it holds any table, read without changing the file."""
     # A plain engine, not make_engine: switching a file to WAL would change it before its revision is known.
     try:
-        engine = create_engine(url)
+        engine = create_engine(_read_only_sqlite(url) or url)
     except (NoSuchModuleError, ImportError) as exc:
         raise CatalogError(
             f"cannot open catalog at {_describe(url)}: {exc}; install its database driver"

@@ -81,7 +81,7 @@ def _reader(ws: Any, settings: Any) -> Any:
 
     url = ws.catalog_url(settings)
     catalog.check_catalog(url)
-    return catalog.session_factory(catalog.make_engine(url))
+    return catalog.session_factory(catalog.make_engine(url, read_only=True))
 
 
 # --- init, daemon, submit ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ so tests drive it without sleeping.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 import shutil
@@ -29,20 +30,24 @@ from ciss_daemon.inbox import (
     SUBMITTED_MARKER,
     CompletenessTracker,
     InboxWatcher,
-    accept_folder,
+    archive_folder,
     candidate_folders,
     reject_folder,
+    store_folder,
 )
 from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan
 from ciss_daemon.operator import apply_requests, promote
 from ciss_daemon.planning import build_request
 from ciss_daemon.promotion import current_target, fsync_dir, gate, swap_current
 from ciss_daemon.settings import Settings
-from ciss_daemon.validation import Problem, validate_batch
+from ciss_daemon.validation import Problem, ValidatedBatch, printable, validate_batch
 from ciss_daemon.worker import CANDIDATE
 from ciss_daemon.workspace import Workspace
 
 log = logging.getLogger("ciss.daemon")
+
+# Seconds between tries to record a finished job whose recording failed (see Daemon.outcome_failed).
+OUTCOME_RETRY_SECONDS = 10.0
 
 
 def utc(now: float) -> dt.datetime:
@@ -73,6 +78,9 @@ class Daemon:
         self.process: TrainingProcess | None = None
         self.process_job_id: int | None = None
         self.last_progress_write = 0.0
+        # After recording a finished job failed (e.g. a full disk): when to try again, and the last error.
+        self.outcome_retry_at = 0.0
+        self.outcome_error: str | None = None
         self.lock = service.InstanceLock(workspace.lock_path)
         self.watcher: InboxWatcher | None = None
         self.scheduler: Any = None
@@ -232,10 +240,21 @@ class Daemon:
             self.reject(folder, result.problems, now)
             return
         batch = result.batch
-        stored, archived = accept_folder(
-            folder, store=self.ws.store, archive=self.ws.archive, sha256=batch.sha256, now=utc(now)
-        )
+        # Copy, record, and only then move the original out of the inbox: a crash before the commit
+        # leaves the original in the inbox (ingested again at the next start), never a batch that is
+        # archived but not in the catalog.
+        stored = store_folder(folder, store=self.ws.store, sha256=batch.sha256)
         (stored / SUBMITTED_MARKER).unlink(missing_ok=True)
+        try:
+            message = self.record_accepted(batch, stored, now)
+        except BaseException:
+            shutil.rmtree(stored, ignore_errors=True)  # our own copy; the original is still in the inbox
+            raise
+        archived = archive_folder(folder, archive=self.ws.archive, now=utc(now))
+        log.info("%s; original archived at %s", message, archived)
+
+    def record_accepted(self, batch: ValidatedBatch, stored: Path, now: float) -> str:
+        """Record a validated batch stored at ``stored`` (and its step and job); returns the event's words."""
         with self.session() as s:
             row = catalog.record_batch(
                 session=s,
@@ -263,7 +282,7 @@ class Daemon:
                 step = None
                 message = f"evaluation batch {batch.name!r} accepted ({len(batch.train_stems)} images)"
             catalog.log_event(session=s, kind="accepted", message=message, step=step, now=utc(now))
-        log.info("%s; original archived at %s", message, archived)
+        return message
 
     def unavailable_names(self, s: Session) -> set[str]:
         """Class names a new training batch may not declare: taught, or pending in an unfinished step."""
@@ -275,29 +294,22 @@ class Daemon:
     def reject(self, folder: Path, problems: list[Problem], now: float) -> None:
         moved = reject_folder(folder, rejected=self.ws.rejected, problems=problems, now=utc(now))
         reasons = [str(p) for p in problems]
+        # A folder name may hold bytes that are not UTF-8 (surrogate escapes), which the catalog cannot
+        # store: record and print it escaped, as REJECTED.txt does.
+        name, report = printable(folder.name), printable(str(moved / "REJECTED.txt"))
         with self.session() as s:
             catalog.record_rejection(
-                session=s, batch_name=folder.name, reasons=reasons, path=moved, now=utc(now)
+                session=s, batch_name=name, reasons=reasons, path=printable(str(moved)), now=utc(now)
             )
             catalog.log_event(
                 session=s,
                 kind="rejected",
                 level="warning",
-                message=f"batch {folder.name!r} rejected: {reasons[0]}"
-                + (
-                    f" (and {len(reasons) - 1} more, see {moved / 'REJECTED.txt'})"
-                    if len(reasons) > 1
-                    else ""
-                ),
+                message=f"batch {name!r} rejected: {reasons[0]}"
+                + (f" (and {len(reasons) - 1} more, see {report})" if len(reasons) > 1 else ""),
                 now=utc(now),
             )
-        log.warning(
-            "batch %r rejected (%d problems): %s; see %s",
-            folder.name,
-            len(reasons),
-            reasons[0],
-            moved / "REJECTED.txt",
-        )
+        log.warning("batch %r rejected (%d problems): %s; see %s", name, len(reasons), reasons[0], report)
 
     # --- jobs ---------------------------------------------------------------------------------------
 
@@ -309,6 +321,31 @@ class Daemon:
                 stop_orphan(job.pid, Path(job.workdir), self.settings.daemon.stop_timeout_seconds)
                 self.end_attempt(s, job, "the daemon restarted during training", now)
             self.reconcile_current(s, now)
+        self.remove_leftovers()
+
+    def remove_leftovers(self) -> None:
+        """Delete the temporary files a crash left half-written; never anything a user gave or a model.
+
+        Checkpoints and model files are written as ``.<name>.<random>.tmp`` then renamed, a batch is copied
+        into a hidden ``store/.<name>.<random>`` folder then renamed, and ``models/current`` is swapped
+        through ``models/.current.<pid>.tmp``. A kill before the rename leaves them behind, each as large
+        as what it was writing (a checkpoint holds the model twice), so weeks of crashes would fill the
+        disk. Runs at start-up, after orphan workers are stopped and under the lock: nothing writes them.
+        """
+        files = [
+            *self.ws.jobs.glob("*/.*.tmp"),
+            *self.ws.jobs.glob(f"*/{CANDIDATE}/.*.tmp"),
+            *self.ws.models.glob(".*.tmp"),
+            *self.ws.models.glob("*/.*.tmp"),
+        ]
+        for path in files:
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
+        for path in self.ws.store.glob(".*"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+        if files:
+            log.info("removed %d temporary files left by an earlier crash", len(files))
 
     def reconcile_current(self, s: Session, now: float) -> None:
         """Make ``models/current`` and the catalog agree after a crash in the middle of a promotion.
@@ -417,10 +454,51 @@ class Daemon:
             if now - self.last_progress_write >= 2.0:
                 self.record_progress(now)
             return
-        self.record_progress(now)
-        self.handle_outcome(outcome, now)
-        self.process = None
+        if now < self.outcome_retry_at:
+            return
+        try:
+            self.record_progress(now)
+            self.handle_outcome(outcome, now)
+        except Exception as error:
+            self.outcome_failed(error, now)
+            return
+        self.process, self.outcome_error, self.outcome_retry_at = None, None, 0.0
         service.notify(STATUS="watching the inbox")
+
+    def outcome_failed(self, error: Exception, now: float) -> None:
+        """Recording a finished job failed (a full disk while the candidate moves or the pointer swaps).
+
+        The transaction rolled back, so the catalog still shows the job running; the outcome is kept and
+        recorded again later (the candidate stays in place, see ``finish_training``), and no other job
+        starts meanwhile. ``models/current`` may already name the new model: it is put back in line with
+        the catalog, so readers never use a model the catalog does not call current.
+        """
+        message = f"{type(error).__name__}: {error}"
+        self.outcome_retry_at = now + OUTCOME_RETRY_SECONDS
+        first = message != self.outcome_error
+        self.outcome_error = message
+        if first:
+            log.exception(
+                "could not record the end of job %s; retrying every %.0f s",
+                self.process_job_id,
+                OUTCOME_RETRY_SECONDS,
+            )
+        try:
+            with self.session() as s:
+                self.reconcile_current(s, now)
+                if first:
+                    job = s.get(Job, self.process_job_id)
+                    catalog.log_event(
+                        session=s,
+                        kind="error",
+                        level="error",
+                        message=f"could not record the trained model ({message}); retrying every "
+                        f"{OUTCOME_RETRY_SECONDS:.0f} s",
+                        step=job.step if job is not None else None,
+                        now=utc(now),
+                    )
+        except Exception:  # the catalog's disk may be the full one: the log above says it all
+            log.warning("could not record the error in the catalog either; see the log above")
 
     def record_progress(self, now: float) -> None:
         assert self.process is not None
@@ -477,10 +555,15 @@ class Daemon:
             },
             now=utc(now),
         )
-        target = Path(version.path)
-        if target.exists():  # left by a crash after this move but before the catalog commit
-            shutil.rmtree(target)
-        Path(job.workdir, CANDIDATE).rename(target)
+        target, candidate = Path(version.path), Path(job.workdir, CANDIDATE)
+        if candidate.is_dir():
+            if target.exists():  # left by a crash after this move but before the catalog commit
+                shutil.rmtree(target)
+            candidate.rename(target)
+        elif not holds_files(target, result["files"]):
+            raise CissError(f"the trained model of job {job.id} is in neither {candidate} nor {target}")
+        # Otherwise an earlier try moved it there, then failed before its commit (e.g. a full disk): the
+        # model is whole (every hash matches) and is used as it is; deleting it would lose the training.
         fsync_dir(self.ws.models)
         g = self.settings.gate
         decision = gate(
@@ -514,6 +597,23 @@ class Daemon:
             for workdir in finished:
                 if workdir:
                     Path(workdir, "checkpoint.pt").unlink(missing_ok=True)
+
+
+def holds_files(folder: Path, files: dict[str, str]) -> bool:
+    """Whether ``folder`` holds every file of ``files`` (name -> sha256) with that content."""
+    if not files or not folder.is_dir():
+        return False
+    for name, digest in files.items():
+        sha = hashlib.sha256()
+        try:
+            with open(folder / name, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023 - used at once
+                    sha.update(chunk)
+        except OSError:
+            return False
+        if sha.hexdigest() != digest:
+            return False
+    return True
 
 
 def run_daemon(workspace: Workspace, settings: Settings) -> int:

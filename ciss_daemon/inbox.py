@@ -172,6 +172,17 @@ def accept_folder(
     The store copy is made under a temporary name, synced, then renamed, so a crash leaves either no copy or a
     whole one. Returns (stored path, archived path). A name already taken gets a -2, -3... suffix.
     """
+    stored = store_folder(folder, store=store, sha256=sha256)
+    return stored, archive_folder(folder, archive=archive, now=now)
+
+
+def store_folder(folder: Path, *, store: Path, sha256: str) -> Path:
+    """Copy `folder` into `store/<name>-<sha8>/` (temporary name, synced, renamed); returns the copy.
+
+    The daemon records the batch after this and only then archives the original (`archive_folder`), so
+    that a crash in between leaves the original in the inbox, never a batch that is neither in the inbox
+    nor in the catalog.
+    """
     name = folder.name
     store.mkdir(parents=True, exist_ok=True)
     copy = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=store))
@@ -184,11 +195,16 @@ def accept_folder(
     except BaseException:
         shutil.rmtree(copy, ignore_errors=True)  # only our own partial copy; the original is untouched
         raise
+    return stored
+
+
+def archive_folder(folder: Path, *, archive: Path, now: datetime) -> Path:
+    """Move the original of an accepted batch to `archive/<name>-<UTC time>/`; returns where it went."""
     archive.mkdir(parents=True, exist_ok=True)
-    archived = _free_path(archive, f"{name}-{_utc_stamp(now)}")
+    archived = _free_path(archive, f"{folder.name}-{_utc_stamp(now)}")
     shutil.move(folder, archived)
     _fsync_dir(archive)
-    return stored, archived
+    return archived
 
 
 def reject_folder(folder: Path, *, rejected: Path, problems: Sequence[Problem], now: datetime) -> Path:

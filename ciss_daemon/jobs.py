@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,9 @@ class TrainingProcess:
         job_dir.mkdir(parents=True, exist_ok=True)
         for stale in (worker.RESULT, worker.ERROR):  # left over from an earlier attempt
             (job_dir / stale).unlink(missing_ok=True)
+        # A candidate an earlier attempt began or finished but that was never recorded (a crash): this
+        # attempt writes it again, and a half-written one must not be moved into models/ as a whole.
+        shutil.rmtree(job_dir / worker.CANDIDATE, ignore_errors=True)
         worker.write_json(job_dir / worker.REQUEST, request)
         env = {**os.environ, "CISS_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         with open(job_dir / "worker.log", "ab") as log:

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from engine.config import EngineConfig, ModelConfig, TrainConfig
+from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
 from engine.data import read_manifest
 from engine.evaluate import Metrics
 from engine.runner import BatchRef, StepRequest, run_step
@@ -70,22 +70,32 @@ def load_protocol(folders: Sequence[Path]) -> Protocol:
     return Protocol(steps, evals, {i: n for n, i in ids.items()}, sizes)
 
 
-def cpu_config(method: str = "dkd", *, epochs_base: int = 24, epochs_incremental: int = 12) -> EngineConfig:
+def cpu_config(method: str = "dkd", *, epochs_base: int = 24, epochs_incremental: int = 16) -> EngineConfig:
     """Settings for generated 64x64 data on a CPU: a light backbone from scratch, short schedules.
 
-    Without ImageNet weights the paper's learning rates (1e-3, 1e-4) barely move a random backbone in a
-    few epochs, so both are 10x higher here; their ratio and every other rule of method.md are kept.
+    Every rule of method.md is kept; four values differ from the VOC reference, for minutes-long runs of a
+    randomly initialised ResNet-18 (measured, see docs/benchmarks.md):
+    - output stride 8, so 64x64 images keep 8x8 features (stride 16 leaves 4x4 and halves base mIoU);
+    - base learning rate 1e-2 (10x) and BatchNorm momentum 0.1 (not 0.01): a random backbone must move
+      and its BatchNorm statistics settle within ~150 iterations;
+    - incremental learning rate 3e-4 (3x): at 1e-3 the DKD terms diverge to NaN within tens of iterations,
+      with BatchNorm frozen and its affine parameters trained as method.md asks;
+    - incremental pos_weight 10 (ADE20K uses 35): new heads start as copies of the auxiliary classifier,
+      whose logits the base step drives to about -20, and ~100 iterations at pos_weight 1 never lift them
+      over the 0.5 threshold.
     """
     return EngineConfig(
-        model=ModelConfig(backbone="resnet18", pretrained=None),
+        model=ModelConfig(backbone="resnet18", output_stride=8, pretrained=None),
+        loss=LossConfig(pos_weight_incremental=10.0),
         train=TrainConfig(
             method=method,
             lr_base=1e-2,
-            lr_incremental=1e-3,
+            lr_incremental=3e-4,
             epochs_base=epochs_base,
             epochs_incremental=epochs_incremental,
             batch_size=16,
             crop_size=64,
+            bn_momentum_base=0.1,
             amp=False,
             checkpoint_every=50,
         ),
@@ -167,7 +177,7 @@ def metrics_table(title: str, rows: Sequence[tuple[str, Metrics]]) -> Table:
 def demo(out: Path, *, seed: int = 0) -> list[Metrics]:
     """Base step plus two incremental steps on generated data; prints the metrics after each step."""
     console = Console()
-    folders = generate_batches(out / "data", "10-5-5", train_per_step=60, val_per_step=12, seed=seed)
+    folders = generate_batches(out / "data", "10-5-5", train_per_step=96, val_per_step=12, seed=seed)
     protocol = load_protocol(folders)
     results = run_protocol(protocol, cpu_config(), out / "runs", console=console)
     console.print(
@@ -180,7 +190,7 @@ def ablation(out: Path, *, protocol_name: str = "10-2-2-2-2", seed: int = 0) -> 
     """Fine-tuning, KD, KD + DKD with random new heads, full DKD: metrics after the last step of each."""
     console = Console()
     started = time.monotonic()
-    folders = generate_batches(out / "data", protocol_name, train_per_step=60, val_per_step=12, seed=seed)
+    folders = generate_batches(out / "data", protocol_name, train_per_step=64, val_per_step=12, seed=seed)
     protocol = load_protocol(folders)
     base = run_protocol(
         dataclasses.replace(protocol, steps=protocol.steps[:1]), cpu_config(), out / "base", console=console

@@ -27,6 +27,14 @@ from engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_r
 from engine.config import EngineConfig
 from engine.data import StepSampler
 from engine.exceptions import DataError
+from engine.fast import (  # GPU fast paths (issue: GPU speed and scale)
+    FastPaths,
+    MicroBatchFallback,
+    accumulate_gradients,
+    default_fast_paths,
+    device_batches,
+    fused_bce_terms,
+)
 from engine.losses import ac_loss, dkd_loss, kd_loss, mbce_loss, weighted_total
 from engine.model import DKDSegmenter, SegOutput, upsample
 
@@ -47,6 +55,7 @@ class Progress:
     lr: float  # backbone learning rate
     images_per_second: float
     eta_seconds: float
+    micro_batch: int | None = None  # images per forward pass: below the batch size after an OOM fallback
 
 
 @dataclass
@@ -57,6 +66,7 @@ class TrainResult:
     iterations: int
     # Mean loss terms per finished epoch, for the report's loss curves.
     history: list[dict[str, float]] = field(default_factory=list)
+    micro_batch: int | None = None  # images per forward pass: below the batch size after an OOM fallback
 
 
 class StepModel(nn.Module):
@@ -136,38 +146,51 @@ def loss_terms(
     new_classes: list[int],
     pos_weight: float,
     config: EngineConfig,
+    fast: FastPaths | None = None,
 ) -> dict[str, Tensor]:
     """Every loss term of method.md for one batch; the weighted total is ``losses.weighted_total``.
 
     ``student`` is a :class:`StepModel` (possibly inside DDP). images (N, 3, H, W); labels (N, H, W) with the
-    step's label rule already applied (values not in C_t are 0, 255 is ignore).
+    step's label rule already applied (values not in C_t are 0, 255 is ignore). ``fast`` picks the
+    upsampling, the teacher's grad mode and the fused mBCE/KD/AC node; the terms are the same either way.
     """
     out, s_pos, s_neg = student(images)
     size = (labels.shape[-2], labels.shape[-1])
-    logits = upsample(out.logits, size)  # (N, 1 + K, H, W)
-    terms = {
-        "mbce": mbce_loss(logits, labels, new_classes, pos_weight),
-        "ac": ac_loss(logits[:, :1]),
-    }
-    if teacher is None or not config.train.use_kd:
-        return terms
+    up = upsample if fast is None else fast.upsample
+    logits = up(out.logits, size)  # (N, 1 + K, H, W)
     num_old = new_classes[0] - 1
-    with torch.no_grad():
-        t_out = teacher(images)
-        t_logits = upsample(t_out.logits, size)  # (N, 1 + num_old, H, W)
-    terms["kd"] = kd_loss(logits[:, 1 : num_old + 1], t_logits[:, 1 : num_old + 1])
-    if config.train.use_dkd:
-        with torch.no_grad():
-            t_pos, t_neg = teacher.reasoning_scores(t_out.features, num_old)  # (N, num_old, h, w)
+    t_logits = t_pos = t_neg = None
+    if teacher is not None and config.train.use_kd:
+        with torch.no_grad() if fast is None else fast.teacher_context():
+            t_out = teacher(images)
+            t_logits = up(t_out.logits, size)  # (N, 1 + num_old, H, W)
+            if config.train.use_dkd:
+                t_pos, t_neg = teacher.reasoning_scores(t_out.features, num_old)  # (N, num_old, h, w)
+    # The fused node needs C_t to be the last channels, num_old+1..K, as every training step has it.
+    if fast is not None and fast.fused_loss and new_classes == list(range(num_old + 1, logits.shape[1])):
+        terms = fused_bce_terms(
+            logits, labels, num_old=num_old, pos_weight=pos_weight, teacher_logits=t_logits
+        )
+    else:
+        terms = {
+            "mbce": mbce_loss(logits, labels, new_classes, pos_weight),
+            "ac": ac_loss(logits[:, :1]),
+        }
+        if t_logits is not None:
+            terms["kd"] = kd_loss(logits[:, 1 : num_old + 1], t_logits[:, 1 : num_old + 1])
+    if t_pos is not None and t_neg is not None:
         terms["dkd_pos"] = dkd_loss(s_pos, t_pos)
         terms["dkd_neg"] = dkd_loss(s_neg, t_neg)
     return terms
 
 
-def _autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU has it (no loss scaling needed), fp16 otherwise on CUDA, none on the CPU."""
-    if not enabled or device.type != "cuda":
+def _autocast_dtype(device: torch.device, enabled: bool, fast: FastPaths) -> torch.dtype | None:
+    """bf16 where the GPU has it (no loss scaling needed), fp16 otherwise on CUDA; on the CPU bf16 only
+    when ``fast.bf16_autocast`` asks (tests of the mixed-precision path), else none."""
+    if not enabled:
         return None
+    if device.type != "cuda":
+        return torch.bfloat16 if fast.bf16_autocast else None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
@@ -190,6 +213,7 @@ def train_step(
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     checkpoint_meta: Mapping[str, Any] | None = None,
+    fast: FastPaths | None = None,
 ) -> TrainResult:
     """Train ``model`` for one step on ``dataset`` (items: (image (3, H, W), label (H, W)) with step labels).
 
@@ -197,8 +221,11 @@ def train_step(
     ``checkpoint_path`` set, a checkpoint is written every ``config.train.checkpoint_every`` iterations, at
     every epoch end and when ``should_stop()`` turns true; with ``resume`` an existing checkpoint there is
     loaded first and training continues from its position. Returns when the step is done or stopped.
+    ``fast`` (default: ``default_fast_paths(device)``, all on for CUDA) chooses how the step runs on the
+    GPU without changing what it computes; with channels_last the model and teacher are left in that layout.
     """
     train = config.train
+    fast = default_fast_paths(device) if fast is None else fast
     rank, world_size = _distributed()
     new_classes = new_class_ids(model.step_sizes)
     pos_weight = config.loss.pos_weight_base if step_index == 0 else config.loss.pos_weight_incremental
@@ -210,6 +237,8 @@ def train_step(
         raise DataError(f"step 0 has {len(dataset)} training image(s); it needs at least {2 * world_size}")
 
     model.to(device)
+    # Before DDP, whose gradient buckets take the parameters' strides.
+    fast.apply_memory_format(model, teacher)
     student: nn.Module = StepModel(model, num_old=new_classes[0] - 1 if teacher is not None else 0)
     if world_size > 1:
         # BatchNorm trains only at step 0 (later steps freeze it). SyncBatchNorm needs GPUs; CPU processes
@@ -219,12 +248,13 @@ def train_step(
         student = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
+    run_student, run_teacher = fast.compiled(student), fast.compiled(teacher)
     optimizer = build_optimizer(model, config, step_index)
     sampler = StepSampler(len(dataset), train.batch_size, seed=train.seed, rank=rank, world_size=world_size)
     per_epoch = sampler.batches_per_epoch()
     total = epochs * per_epoch
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=train.poly_power)
-    amp_dtype = _autocast_dtype(device, train.amp)
+    amp_dtype = _autocast_dtype(device, train.amp, fast)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     epoch, done_in_epoch, iteration = 0, 0, 0
@@ -270,43 +300,68 @@ def train_step(
     # A dedicated generator keeps the loader from drawing on the global RNG (dropout's), so resuming in
     # the middle of an epoch replays exactly the same random numbers as an uninterrupted run.
     loader_generator = torch.Generator().manual_seed(train.seed)
+    # One loader for the whole step: the sampler is re-read at every epoch's iter(), and workers persist.
+    loader = DataLoader(
+        dataset,
+        batch_size=train.batch_size,
+        sampler=sampler,
+        num_workers=train.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=loader_generator,
+        drop_last=False,
+        persistent_workers=train.num_workers > 0,
+    )
+
+    def batch_loss(images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            terms = loss_terms(
+                run_student,
+                run_teacher,
+                images,
+                labels,
+                new_classes=new_classes,
+                pos_weight=pos_weight,
+                config=config,
+                fast=fast,
+            )
+        loss = weighted_total(terms, config.loss)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"step {step_index}: the loss became {loss.item()} at iteration {iteration}; "
+                "lower the learning rate in [train]"
+            )
+        return loss, terms
+
+    def forward_backward(
+        images: Tensor, labels: Tensor, micro_batch: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return accumulate_gradients(
+            images, labels, micro_batch, batch_loss, lambda loss: scaler.scale(loss).backward()
+        )
+
+    # On CUDA OOM in the first iterations: halve the micro-batch, same effective batch. Single process only
+    # (DDP ranks would disagree on their collectives); BatchNorm trains at step 0 and needs 2 images.
+    fallback = MicroBatchFallback(
+        train.batch_size,
+        min_size=2 if step_index == 0 else 1,
+        window=fast.oom_window,
+        enabled=fast.oom_fallback and world_size == 1,
+    )
+    log.info("step %d: %s", step_index, fast)
     started, first_iteration = time.monotonic(), iteration
     while epoch < epochs:
         sampler.set_epoch(epoch, start=done_in_epoch * train.batch_size)
-        loader = DataLoader(
-            dataset,
-            batch_size=train.batch_size,
-            sampler=sampler,
-            num_workers=train.num_workers,
-            pin_memory=device.type == "cuda",
-            generator=loader_generator,
-            drop_last=False,
-        )
         set_step_mode(model, step_index, config)
-        for images, labels in loader:
+        for images, labels in device_batches(loader, device, fast):
             if should_stop is not None and should_stop():
                 write_checkpoint()
-                return TrainResult(finished=False, iterations=iteration, history=history)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                terms = loss_terms(
-                    student,
-                    teacher,
-                    images,
-                    labels,
-                    new_classes=new_classes,
-                    pos_weight=pos_weight,
-                    config=config,
-                )
-            loss = weighted_total(terms, config.loss)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"step {step_index}: the loss became {loss.item()} at iteration {iteration}; "
-                    "lower the learning rate in [train]"
+                return TrainResult(
+                    finished=False, iterations=iteration, history=history, micro_batch=fallback.micro_batch
                 )
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss, terms = fallback.run(
+                images, labels, forward_backward, reset=lambda: optimizer.zero_grad(set_to_none=True)
+            )
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -331,6 +386,7 @@ def train_step(
                         lr=optimizer.param_groups[0]["lr"],
                         images_per_second=rate * images.shape[0] * world_size,
                         eta_seconds=(total - iteration) / rate if rate > 0 else math.inf,
+                        micro_batch=fallback.micro_batch,
                     )
                 )
             if iteration % train.checkpoint_every == 0 and done_in_epoch < per_epoch:
@@ -340,4 +396,4 @@ def train_step(
         sums = {}
         epoch, done_in_epoch = epoch + 1, 0
         write_checkpoint()
-    return TrainResult(finished=True, iterations=iteration, history=history)
+    return TrainResult(finished=True, iterations=iteration, history=history, micro_batch=fallback.micro_batch)
