@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench-ablation clean
+.PHONY: install demo test lint format bench-ablation bench-daemon clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ format: $(STAMP)
 
 bench-ablation: $(STAMP)
 	$(PY) -m engine.experiment ablation --out bench-out/ablation
+
+bench-daemon: $(STAMP)
+	$(PY) -m ciss_daemon.bench all --out bench-out/daemon
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench-out demo-workspace

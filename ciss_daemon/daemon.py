@@ -103,7 +103,7 @@ class Daemon:
             self.window = CronTrigger.from_crontab(self.settings.daemon.training_window, timezone=dt.UTC)
         self.recover()
         if self.watch:
-            self.watcher = InboxWatcher(self.ws.inbox)
+            self.watcher = InboxWatcher(self.ws.inbox, on_change=self.wakeup.set)
             try:
                 self.watcher.start()
             except OSError as error:  # e.g. the inotify watch limit: periodic rescans still find everything
@@ -209,6 +209,7 @@ class Daemon:
     def scan_inbox(self, now: float) -> None:
         folders = candidate_folders(self.ws.inbox)
         self.pending.intersection_update(folders)
+        self.tracker.prune(folders)  # folders that left the inbox before they settled
         for folder in folders:
             complete = (folder / SUBMITTED_MARKER).exists() or self.tracker.observe(folder, now)
             if not complete:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # The revision `migrations/versions` ends at. Kept here so that readers (`ciss status`) can check the
 # catalog without importing alembic; a test pins it to the migrations' head.
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -198,7 +198,7 @@ class ModelVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[dt.datetime | None]
     is_current: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
-    state: Mapped[str] = mapped_column(String(16), default="candidate")
+    state: Mapped[str] = mapped_column(String(16), index=True, default="candidate")
 
     step: Mapped[Step] = relationship(back_populates="versions")
 

@@ -11,7 +11,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -251,12 +251,15 @@ def rejection_report(name: str, problems: Sequence[Problem], now: datetime) -> s
 
 
 class _SetOnChange(FileSystemEventHandler):
-    def __init__(self, changed: threading.Event) -> None:
+    def __init__(self, changed: threading.Event, on_change: Callable[[], None] | None) -> None:
         self._changed = changed
+        self._on_change = on_change
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in _READ_ONLY_EVENTS:
             self._changed.set()
+            if self._on_change is not None:
+                self._on_change()
 
 
 class InboxWatcher:
@@ -267,9 +270,10 @@ class InboxWatcher:
     copies included) would only add load.
     """
 
-    def __init__(self, inbox: Path) -> None:
+    def __init__(self, inbox: Path, on_change: Callable[[], None] | None = None) -> None:
         self.inbox = inbox
         self.changed = threading.Event()
+        self._on_change = on_change  # e.g. the daemon's wake-up, so a new folder is seen at once
         self._observer: BaseObserver | None = None
 
     def start(self) -> None:
@@ -277,7 +281,7 @@ class InboxWatcher:
             return
         observer = Observer()
         observer.daemon = True  # never keeps the process alive on its own
-        observer.schedule(_SetOnChange(self.changed), str(self.inbox), recursive=False)
+        observer.schedule(_SetOnChange(self.changed, self._on_change), str(self.inbox), recursive=False)
         observer.start()
         self._observer = observer
 

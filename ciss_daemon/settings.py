@@ -189,8 +189,8 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "settle_seconds": "Seconds a folder with batch.toml must stay unchanged to count as complete.",
         "rescan_seconds": "Seconds between full scans of the inbox (watcher events are only a hint).",
         "dispatch_seconds": "Seconds between checks for a queued step to start.",
-        "training_window": 'Cron "minute hour day month day_of_week" when training may start, e.g. '
-        '"* 22-23,0-5 * * *"; "" = any time.',
+        "training_window": 'Cron "minute hour day month day_of_week", in UTC, when training may start, '
+        'e.g. "* 22-23,0-5 * * mon-fri"; name weekdays (numbers count 0 = Monday); "" = any time.',
         "max_attempts": "Attempts per training job (crash, out of memory, restart) before its step fails.",
         "device": '"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".',
         "stop_timeout_seconds": "Seconds a stopping daemon waits for training to checkpoint (keep under "
