@@ -202,10 +202,10 @@ def _alembic_config(url: str) -> Config:
     # Imported here: alembic is only needed to upgrade, and readers must start fast.
     from alembic.config import Config
 
-    import migrations
-
     config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # `migrations` is installed beside `ciss_daemon` (site-packages or the checkout). Found by path, not
+    # by `import migrations`: a generic name another package or folder on sys.path may shadow.
+    config.set_main_option("script_location", str(Path(__file__).resolve().parent.parent / "migrations"))
     # The config is an INI parser: a literal % (URL-encoded passwords) must be doubled.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
@@ -249,8 +249,12 @@ def upgrade_catalog(url: str, *, backup_dir: Path | None) -> Path | None:
         backup = _backup_sqlite(path, backup_dir, revision)
     try:
         command.upgrade(config, "head")
-    except SQLAlchemyError as exc:
-        raise CatalogError(f"cannot upgrade catalog at {where}: {exc.__cause__ or exc}") from None
+    except Exception as exc:  # a migration may fail in any way; its transaction is rolled back either way
+        reason = exc.__cause__ if isinstance(exc, SQLAlchemyError) and exc.__cause__ else exc
+        kept = f"; a copy from before the upgrade is at {backup}" if backup is not None else ""
+        raise CatalogError(
+            f"cannot upgrade catalog at {where}: {reason}; it was left as it was{kept}"
+        ) from None
     return backup
 
 
