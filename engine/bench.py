@@ -1,25 +1,29 @@
-"""Training throughput and input-pipeline benchmarks (issue: GPU speed and scale).
+"""Training throughput, upsampling and input-pipeline benchmarks (issue: GPU speed and scale).
 
 ``python -m engine.bench throughput [--device cuda] [--backbone resnet101] [--size 512] [--batch 16]
 [--steps 20] [--warmup 5] [--real-data DIR --workers 8] [--peak-tflops 989] [--out results.json]``
 trains step 0 and an incremental step (the VOC 15-5 layout: 15 base classes, 5 new) with the fast paths
-off and on, and reports images/s, the micro-batch (below ``--batch`` when the OOM fallback split it), peak
-memory (``torch.cuda.max_memory_allocated`` on CUDA, the peak RSS of the process on the CPU) and the share
-of peak FLOP/s. Without ``--real-data`` each step trains on one random batch that stays on the device, so
-only compute is measured (as in docs/gpu-profile.md); with it, ``train_step`` runs end to end on the batch
-folder DIR, its DataLoader workers included. Each case runs in a fresh process, so peak memory and
-compilation caches are its own.
+off and on, and reports images/s, the micro-batch (below ``--batch`` when the OOM fallback split it),
+peak memory (``torch.cuda.max_memory_allocated`` on CUDA, the peak RSS of the process on the CPU) and
+the share of peak FLOP/s. Without ``--real-data`` each step trains on one random batch that stays on the
+device, so only compute is measured, as in the project's H100 profile (gpu-profile.md, shared notes);
+with it, ``train_step`` runs end to end on the batch folder DIR, DataLoader workers included. Each case
+runs in a fresh process, so peak memory and compilation caches are its own.
+
+``python -m engine.bench parts [--device cuda] [--batch 16] [--size 512]`` times forward + backward of
+the logits' upsampling alone, ``F.interpolate`` against the separable matrix products, in float32 and
+bfloat16.
 
 ``python -m engine.bench input [--size 512] [--batch 16] [--images 64] [--workers 0 2 4]`` times the input
 pipeline alone (decode, rescale, crop, flip, normalise, label lookup) over generated VOC-sized JPEG images
 and PNG masks, per stage on one thread and through the DataLoader with N workers.
 
 FLOP accounting: the forward FLOPs of the student per image are counted by ``torch.utils.flop_counter`` on
-the meta device for the exact backbone, crop size and classes (ResNet-101 at 512x512: 135.6 GFLOP, which
-matches docs/gpu-profile.md). A training image costs 3 forward-equivalents at step 0 (forward, backward
-= 2 forwards) and 4 in an incremental step (plus the teacher's forward): 406.8 and 542.4 GFLOP for
-ResNet-101 at 512x512. ``--peak-tflops`` is the device's peak (default 989, H100 SXM bf16 dense, on CUDA;
-no share is given on the CPU unless a peak is passed).
+the meta device for the exact backbone, crop size and classes (ResNet-101 at 512x512: 135.6 GFLOP, as in
+that profile). A training image costs 3 forward-equivalents at step 0 (backward = 2 forwards) and 4 in an
+incremental step (plus the teacher's forward): 406.8 and 542.4 GFLOP for ResNet-101 at 512x512.
+``--peak-tflops`` is the device's peak (default 989, H100 SXM bf16 dense, on CUDA; no share is given on
+the CPU unless a peak is passed).
 """
 
 from __future__ import annotations
@@ -98,9 +102,11 @@ class ThroughputCase:
 
 
 def fast_paths_for(device: torch.device, on: bool, compile_model: bool) -> FastPaths:
-    """The fast paths of a case: all off, or ``default_fast_paths`` on CUDA and on the CPU every path
-    that runs there without code generation (channels_last, separable upsampling, fused loss, inference-mode
-    teacher); ``compile_model`` turns torch.compile on or off in either case."""
+    """The fast paths of a case: all off, or ``default_fast_paths`` on CUDA and on the CPU every path that
+    runs there without code generation (channels_last, separable upsampling, inference-mode teacher).
+
+    ``compile_model`` turns torch.compile on or off in either case.
+    """
     if not on:
         return FastPaths()
     if device.type == "cuda":
@@ -108,7 +114,6 @@ def fast_paths_for(device: torch.device, on: bool, compile_model: bool) -> FastP
     return FastPaths(
         channels_last=True,
         separable_upsample=True,
-        fused_loss=True,
         teacher_inference_mode=True,
         compile=compile_model,
     )
@@ -199,7 +204,10 @@ def _time_on_device_batch(case: ThroughputCase, device: torch.device) -> tuple[l
         return weighted_total(terms, config.loss), terms
 
     def forward_backward(x: Tensor, y: Tensor, micro_batch: int) -> tuple[Tensor, dict[str, Tensor]]:
-        return accumulate_gradients(x, y, micro_batch, batch_loss, lambda loss: scaler.scale(loss).backward())
+        with fast.step_context():
+            return accumulate_gradients(
+                x, y, micro_batch, batch_loss, lambda loss: scaler.scale(loss).backward()
+            )
 
     fallback = MicroBatchFallback(
         case.batch,
@@ -448,6 +456,60 @@ def input_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Parts: the upsampling alone
+# --------------------------------------------------------------------------------------------------
+
+
+def _time_pair(plain: Any, fast: Any, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Fastest milliseconds of ``plain()`` and ``fast()`` over ``repeats`` interleaved calls each.
+
+    Interleaving and the minimum keep a shared, noisy machine from favouring either side.
+    """
+    for fn in (plain, fast, plain, fast):  # warm-up: caches, allocator, kernels
+        fn()
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for index, fn in enumerate((plain, fast)):
+            _synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            _synchronize(device)
+            best[index] = min(best[index], 1000 * (time.perf_counter() - t0))
+    return best[0], best[1]
+
+
+def loss_parts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Forward + backward of the upsampling of the logits alone, ``F.interpolate`` against separable.
+
+    Logits (N, 1 + K, size / 16, size / 16) as the student gives them, K = 20 (15 old, 5 new).
+    """
+    from engine.fast import upsample_separable
+    from engine.model import upsample
+
+    device = torch.device(args.device)
+    n, channels, size = args.batch, 1 + BASE_CLASSES + NEW_CLASSES, args.size
+    low = torch.randn(n, channels, size // 16, size // 16, generator=torch.Generator().manual_seed(0))
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = low.to(device, dtype).requires_grad_()
+        plain_ms, fast_ms = _time_pair(
+            lambda x=x: upsample(x, (size, size)).sum().backward(),
+            lambda x=x: upsample_separable(x, (size, size)).sum().backward(),
+            device,
+            args.repeats,
+        )
+        row = {"part": "upsample fwd+bwd", "dtype": str(dtype).removeprefix("torch."), "plain_ms": plain_ms}
+        row |= {"fast_ms": fast_ms, "speedup": plain_ms / fast_ms}
+        results.append(row)
+        print(
+            f"{row['part']} {row['dtype']:>8}: F.interpolate {plain_ms:8.2f} ms, separable {fast_ms:8.2f} ms "
+            f"({row['speedup']:.2f}x), batch {n}, {channels} channels, {size // 16} -> {size}",
+            flush=True,
+        )
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 
@@ -474,6 +536,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tp.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: 989 on CUDA)")
     tp.add_argument("--in-process", action="store_true", help="run every case in this process")
     tp.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    pp = sub.add_parser("parts", help="the upsampling alone, F.interpolate against separable")
+    pp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    pp.add_argument("--size", type=int, default=512, help="output size; logits are size / 16")
+    pp.add_argument("--batch", type=int, default=16)
+    pp.add_argument("--repeats", type=int, default=10)
+    pp.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ip = sub.add_parser("input", help="images/s of the input pipeline alone")
     ip.add_argument("--size", type=int, default=512, help="crop size")
     ip.add_argument("--batch", type=int, default=16)
@@ -493,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.mode == "throughput":
         output: Any = throughput(args)
+    elif args.mode == "parts":
+        output = loss_parts(args)
     else:
         output = input_pipeline(args)
     if args.out is not None:

@@ -4,18 +4,17 @@ Every switch here changes how a step runs, never what it computes (method.md is 
 
 - ``channels_last``: NHWC memory layout for the student, the teacher and the images, which tensor-core
   convolutions want; the values are the same, only strides change.
-- ``bf16_autocast``: bfloat16 autocast, also on the CPU (CUDA already autocasts with ``train.amp``);
-  loss terms stay in float32 (``engine.losses``), so results agree within bf16 tolerance.
+- ``bf16_autocast``: bfloat16 autocast on the CPU too (CUDA autocasts whenever ``train.amp`` is on, in
+  bfloat16 where the GPU has it); loss terms stay in float32, so results agree within bf16 tolerance.
 - ``compile``: ``torch.compile`` of the student (``StepModel``, inside DDP if any) and of the teacher.
 - ``separable_upsample``: bilinear upsampling (align_corners=False) as two matrix products
   ``A_H @ X @ A_W^T``. It is linear and separable, so this is exact; its backward is two matrix products
-  as well, instead of the scatter kernel of ``upsample_bilinear2d_backward`` that takes about a fifth of
-  a step on an H100 (docs: /work/shared/notes/gpu-profile.md).
-- ``fused_loss``: mBCE, KD and AC in one autograd node over the full-resolution logits (they cover
-  disjoint channels of the same big tensor), which saves the target tensors, the per-term slices and
-  copies, and the zero-filled gradient buffers that the separate terms need in backward.
-- ``teacher_inference_mode``: the teacher runs under ``torch.inference_mode`` rather than ``no_grad``.
+  as well, instead of the scatter kernel of ``upsample_bilinear2d_backward`` that took 22% of the GPU
+  time of the reference step's student in the project's H100 profile (shared notes, gpu-profile.md).
+- ``teacher_inference_mode``: the teacher runs under ``torch.inference_mode`` rather than ``no_grad``
+  (no view or version-counter bookkeeping; no difference measurable on a CPU).
 - ``prefetch``: the next batch is copied to the GPU on a side stream while the current one trains.
+- ``cudnn_benchmark``: cuDNN picks the fastest convolution algorithms for the fixed crop size.
 - ``oom_fallback``: on CUDA out-of-memory in the first iterations, halve the micro-batch and accumulate
   gradients so the effective batch and the loss (a mean over the whole batch) stay the same.
 
@@ -27,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -50,14 +49,14 @@ class FastPaths:
     """Which fast paths a training step uses; each keeps the math of method.md (see the module doc)."""
 
     channels_last: bool = False
-    bf16_autocast: bool = False  # with train.amp: autocast to bfloat16 on any device, the CPU included
+    bf16_autocast: bool = False  # with train.amp, the CPU autocasts to bfloat16 too (CUDA always does)
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     compile_backend: str = "inductor"  # "aot_eager" traces the same graphs without code generation (tests)
     separable_upsample: bool = False
-    fused_loss: bool = False
     teacher_inference_mode: bool = False
     prefetch: bool = False
+    cudnn_benchmark: bool = False  # cuDNN autotuning during training steps (fixed crop size), restored after
     oom_fallback: bool = True
     oom_window: int = 3  # OOM in the first this-many iterations (since start, resume or a halving) falls back
 
@@ -70,6 +69,23 @@ class FastPaths:
     def teacher_context(self) -> AbstractContextManager:
         """The grad mode the teacher runs in: inference mode, or plain no_grad."""
         return torch.inference_mode() if self.teacher_inference_mode else torch.no_grad()
+
+    @contextmanager
+    def step_context(self) -> Iterator[None]:
+        """Backend settings for one training step's forward and backward: cuDNN autotuning when asked.
+
+        Scoped to the step rather than set for the process, because evaluation sees images of many sizes
+        and would autotune for each of them.
+        """
+        if not self.cudnn_benchmark:
+            yield
+            return
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = previous
 
     def apply_memory_format(self, *modules: torch.nn.Module | None) -> None:
         """Convert ``modules`` to channels_last in place when asked (None entries are skipped).
@@ -101,9 +117,9 @@ def default_fast_paths(device: torch.device | str) -> FastPaths:
             bf16_autocast=True,
             compile=True,
             separable_upsample=True,
-            fused_loss=True,
             teacher_inference_mode=True,
             prefetch=True,
+            cudnn_benchmark=True,
         )
     return FastPaths()
 
@@ -157,114 +173,6 @@ def upsample_separable(x: Tensor, size: tuple[int, int]) -> Tensor:
     if h * out_w * (w + out_h) <= out_h * w * (h + out_w):
         return torch.matmul(a_h, torch.matmul(x, a_w.t()))  # (N, C, h, W), then (N, C, H, W)
     return torch.matmul(torch.matmul(a_h, x), a_w.t())  # (N, C, H, w), then (N, C, H, W)
-
-
-# --------------------------------------------------------------------------------------------------
-# Fused mBCE + KD + AC
-# --------------------------------------------------------------------------------------------------
-
-
-class _FusedBCE(torch.autograd.Function):
-    """mBCE, KD and AC sums over the full-resolution logits in one node; see :func:`fused_bce_terms`.
-
-    Forward computes, in float32, the three BCE sums divided by N*H*W and the gradient of each term with
-    respect to its own channels: G (N, 1 + K, H, W). The terms cover disjoint channels (0: AC,
-    1..num_old: KD, num_old+1..K: mBCE), so backward is G times a per-channel factor.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        logits: Tensor,
-        labels: Tensor,
-        teacher_logits: Tensor | None,
-        num_old: int,
-        pos_weight: float,
-    ) -> Tensor:
-        x = logits.float()  # (N, 1 + K, H, W)
-        n, channels, h, w = x.shape
-        first_new = num_old + 1
-        # PyTorch's BCE with logits is (1 - y) x - (1 + (p - 1) y) log sigmoid(x); its gradient is
-        # sigmoid(x) (1 + (p - 1) y) - p y. Both need log sigmoid(x) and sigmoid(x) of every channel.
-        log_sig = F.logsigmoid(x)  # (N, 1 + K, H, W)
-        grad = torch.sigmoid(x)  # becomes G, in place, channel group by channel group
-        sums = x.new_zeros(3)  # mbce, kd, ac
-
-        # AC, channel 0, target 0: x - log sigmoid(x); gradient sigmoid(x) as is.
-        sums[2] = (x[:, :1] - log_sig[:, :1]).sum()
-
-        # KD, channels 1..num_old, target sigmoid(teacher); gradient sigmoid(x) - y.
-        if teacher_logits is not None and num_old > 0:
-            target = torch.sigmoid(teacher_logits[:, 1:first_new].float())  # (N, num_old, H, W)
-            x_old = x[:, 1:first_new]
-            sums[1] = ((1.0 - target) * x_old - log_sig[:, 1:first_new]).sum()
-            grad[:, 1:first_new].sub_(target)
-        elif num_old > 0:
-            grad[:, 1:first_new].zero_()  # no KD term: old channels get no gradient from these terms
-
-        # mBCE, channels num_old+1..K, target 1 where the label is the channel's class.
-        class_ids = torch.arange(first_new, channels, device=x.device).view(1, -1, 1, 1)
-        positive = (labels.unsqueeze(1) == class_ids).float()  # (N, C_t, H, W)
-        x_new, log_sig_new, grad_new = x[:, first_new:], log_sig[:, first_new:], grad[:, first_new:]
-        if pos_weight == 1.0:
-            sums[0] = ((1.0 - positive) * x_new - log_sig_new).sum()
-            grad_new.sub_(positive)
-        else:
-            log_weight = 1.0 + (pos_weight - 1.0) * positive
-            sums[0] = ((1.0 - positive) * x_new - log_weight * log_sig_new).sum()
-            grad_new.mul_(log_weight).sub_(pos_weight * positive)
-
-        ctx.save_for_backward(grad)
-        ctx.split = (1, num_old, channels - first_new)  # channels of AC, KD, mBCE
-        ctx.logits_dtype = logits.dtype
-        return sums / (n * h * w)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_sums: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors  # (N, 1 + K, H, W)
-        n, _, h, w = grad.shape
-        ac, kd, mbce = ctx.split
-        per_channel = torch.cat(  # (1 + K,): d(term)/d(sum) of the term that owns the channel
-            [grad_sums[2].expand(ac), grad_sums[1].expand(kd), grad_sums[0].expand(mbce)]
-        ) / (n * h * w)
-        grad_logits = (grad * per_channel.view(1, -1, 1, 1)).to(ctx.logits_dtype)
-        return grad_logits, None, None, None, None
-
-
-def fused_bce_terms(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    num_old: int,
-    pos_weight: float,
-    teacher_logits: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """mBCE, AC and (with ``teacher_logits``) KD of ``engine.losses``, in one pass over the logits.
-
-    logits (N, 1 + K, H, W) at full resolution; labels (N, H, W) int64; channels 1..num_old are the old
-    classes and num_old+1..K the new ones (C_t, the last step's contiguous ids, as in training);
-    teacher_logits (N, 1 + num_old, H, W) at full resolution, or None for no KD term. Returns
-    ``{"mbce", "ac"}`` and ``"kd"`` when a teacher is given, each equal to the matching function of
-    ``engine.losses`` up to float32 summation order.
-    """
-    n, channels, h, w = logits.shape
-    if logits.dim() != 4 or labels.shape != (n, h, w) or not 0 <= num_old < channels - 1:
-        raise ValueError(
-            f"fused_bce_terms: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must be "
-            f"(N, 1 + K, H, W) and (N, H, W) with 0 <= num_old ({num_old}) < K"
-        )
-    if teacher_logits is not None and teacher_logits.shape != (n, num_old + 1, h, w):
-        raise ValueError(
-            f"fused_bce_terms: teacher_logits {tuple(teacher_logits.shape)} must be {(n, num_old + 1, h, w)}"
-        )
-    teacher = teacher_logits.detach() if teacher_logits is not None else None
-    sums = _FusedBCE.apply(logits, labels, teacher, num_old, float(pos_weight))  # (3,)
-    terms = {"mbce": sums[0], "ac": sums[2]}
-    if teacher is not None:
-        terms["kd"] = sums[1]
-    return terms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,10 +273,12 @@ def device_batches(
     it, and ``record_stream`` keeps the caching allocator from reusing its memory too early. Elsewhere
     this is a plain ``.to(device)`` per batch.
     """
-    memory_format = torch.channels_last if fast is not None and fast.channels_last else torch.preserve_format
+    channels_last = fast is not None and fast.channels_last
 
     def move(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        images = images.to(device, non_blocking=True)  # (N, 3, H, W)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(device, non_blocking=True)
 
     if fast is None or not fast.prefetch or device.type != "cuda":

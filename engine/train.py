@@ -33,7 +33,6 @@ from engine.fast import (  # GPU fast paths (issue: GPU speed and scale)
     accumulate_gradients,
     default_fast_paths,
     device_batches,
-    fused_bce_terms,
 )
 from engine.losses import ac_loss, dkd_loss, kd_loss, mbce_loss, weighted_total
 from engine.model import DKDSegmenter, SegOutput, upsample
@@ -152,33 +151,26 @@ def loss_terms(
 
     ``student`` is a :class:`StepModel` (possibly inside DDP). images (N, 3, H, W); labels (N, H, W) with the
     step's label rule already applied (values not in C_t are 0, 255 is ignore). ``fast`` picks the
-    upsampling, the teacher's grad mode and the fused mBCE/KD/AC node; the terms are the same either way.
+    upsampling and the teacher's grad mode; the terms are the same either way.
     """
     out, s_pos, s_neg = student(images)
     size = (labels.shape[-2], labels.shape[-1])
     up = upsample if fast is None else fast.upsample
     logits = up(out.logits, size)  # (N, 1 + K, H, W)
+    terms = {
+        "mbce": mbce_loss(logits, labels, new_classes, pos_weight),
+        "ac": ac_loss(logits[:, :1]),
+    }
+    if teacher is None or not config.train.use_kd:
+        return terms
     num_old = new_classes[0] - 1
-    t_logits = t_pos = t_neg = None
-    if teacher is not None and config.train.use_kd:
-        with torch.no_grad() if fast is None else fast.teacher_context():
-            t_out = teacher(images)
-            t_logits = up(t_out.logits, size)  # (N, 1 + num_old, H, W)
-            if config.train.use_dkd:
-                t_pos, t_neg = teacher.reasoning_scores(t_out.features, num_old)  # (N, num_old, h, w)
-    # The fused node needs C_t to be the last channels, num_old+1..K, as every training step has it.
-    if fast is not None and fast.fused_loss and new_classes == list(range(num_old + 1, logits.shape[1])):
-        terms = fused_bce_terms(
-            logits, labels, num_old=num_old, pos_weight=pos_weight, teacher_logits=t_logits
-        )
-    else:
-        terms = {
-            "mbce": mbce_loss(logits, labels, new_classes, pos_weight),
-            "ac": ac_loss(logits[:, :1]),
-        }
-        if t_logits is not None:
-            terms["kd"] = kd_loss(logits[:, 1 : num_old + 1], t_logits[:, 1 : num_old + 1])
-    if t_pos is not None and t_neg is not None:
+    with torch.no_grad() if fast is None else fast.teacher_context():
+        t_out = teacher(images)
+        t_logits = up(t_out.logits, size)  # (N, 1 + num_old, H, W)
+        if config.train.use_dkd:
+            t_pos, t_neg = teacher.reasoning_scores(t_out.features, num_old)  # (N, num_old, h, w)
+    terms["kd"] = kd_loss(logits[:, 1 : num_old + 1], t_logits[:, 1 : num_old + 1])
+    if config.train.use_dkd:
         terms["dkd_pos"] = dkd_loss(s_pos, t_pos)
         terms["dkd_neg"] = dkd_loss(s_neg, t_neg)
     return terms
@@ -335,9 +327,10 @@ def train_step(
     def forward_backward(
         images: Tensor, labels: Tensor, micro_batch: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        return accumulate_gradients(
-            images, labels, micro_batch, batch_loss, lambda loss: scaler.scale(loss).backward()
-        )
+        with fast.step_context():
+            return accumulate_gradients(
+                images, labels, micro_batch, batch_loss, lambda loss: scaler.scale(loss).backward()
+            )
 
     # On CUDA OOM in the first iterations: halve the micro-batch, same effective batch. Single process only
     # (DDP ranks would disagree on their collectives); BatchNorm trains at step 0 and needs 2 images.

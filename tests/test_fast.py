@@ -1,4 +1,4 @@
-"""The GPU fast paths compute the same step as the plain path: upsampling, fused loss, layouts, bf16,
+"""The GPU fast paths compute the same step as the plain path: upsampling, layouts, bf16, inference mode,
 compile, gradient accumulation and the out-of-memory fallback, on a tiny CPU model (GPU tests marked)."""
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from engine.fast import (
     bilinear_matrix,
     default_fast_paths,
     device_batches,
-    fused_bce_terms,
     upsample_separable,
 )
-from engine.losses import ac_loss, kd_loss, mbce_loss, weighted_total
+from engine.losses import weighted_total
 from engine.train import StepModel, TrainResult, freeze_teacher, loss_terms, set_step_mode, train_step
 
 CPU = torch.device("cpu")
@@ -31,7 +30,6 @@ CPU = torch.device("cpu")
 ALL_BUT_COMPILE = FastPaths(
     channels_last=True,
     separable_upsample=True,
-    fused_loss=True,
     teacher_inference_mode=True,
     prefetch=True,
 )
@@ -91,50 +89,6 @@ def test_separable_upsample_channels_last_float32_and_bf16() -> None:
     half = upsample_separable(x.bfloat16(), (64, 64))
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), expected, rtol=2e-2, atol=2e-2)
-
-
-# ---------------------------------------------------------------------------------------- fused loss
-
-
-def _plain_terms(logits: Tensor, labels: Tensor, num_old: int, pos_weight: float, teacher: Tensor | None):
-    new = list(range(num_old + 1, logits.shape[1]))
-    terms = {"mbce": mbce_loss(logits, labels, new, pos_weight), "ac": ac_loss(logits[:, :1])}
-    if teacher is not None:
-        terms["kd"] = kd_loss(logits[:, 1 : num_old + 1], teacher[:, 1 : num_old + 1])
-    return terms
-
-
-@pytest.mark.parametrize("pos_weight", [1.0, 2.0, 35.0])
-@pytest.mark.parametrize(("num_old", "with_teacher"), [(3, True), (3, False), (0, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_terms_equal_the_loss_functions(
-    pos_weight: float, num_old: int, with_teacher: bool, dtype: torch.dtype
-) -> None:
-    torch.manual_seed(0)
-    n, channels, size = 2, num_old + 3, 16  # channel 0 aux, num_old old classes, 2 new classes
-    base = (3 * torch.randn(n, channels, size, size)).to(dtype)
-    labels = torch.randint(0, channels, (n, size, size))
-    labels[:, :2] = 255  # ignore counts as negative for mBCE
-    teacher = 3 * torch.randn(n, num_old + 1, size, size) if with_teacher else None
-    weights = {"mbce": 1.0, "kd": 5.0, "ac": 1.0}
-
-    results = []
-    for compute in (_plain_terms, None):
-        logits = base.clone().requires_grad_()
-        if compute is None:
-            terms = fused_bce_terms(
-                logits, labels, num_old=num_old, pos_weight=pos_weight, teacher_logits=teacher
-            )
-        else:
-            terms = compute(logits, labels, num_old, pos_weight, teacher)
-        sum(weights[name] * term for name, term in terms.items()).backward()
-        results.append((terms, logits.grad))
-    (plain, plain_grad), (fused, fused_grad) = results
-    assert list(fused) == list(plain)
-    for name in plain:
-        torch.testing.assert_close(fused[name], plain[name], rtol=1e-6, atol=1e-7)
-    assert fused_grad.dtype == dtype
-    torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-5, atol=1e-8)
 
 
 # ------------------------------------------------------------------------- fast loss terms vs plain
@@ -260,7 +214,7 @@ def test_train_step_with_fast_paths_equals_plain_in_float32() -> None:
 
 def test_train_step_in_bf16_autocast_on_cpu_stays_close_to_float32() -> None:
     plain = _train(1, FastPaths())
-    fast = _train(1, FastPaths(bf16_autocast=True, separable_upsample=True, fused_loss=True), amp=True)
+    fast = _train(1, FastPaths(bf16_autocast=True, separable_upsample=True), amp=True)
     for epoch_a, epoch_b in zip(fast[1].history, plain[1].history, strict=True):
         assert epoch_a == pytest.approx(epoch_b, rel=3e-2, abs=1e-3)
 
@@ -274,7 +228,6 @@ def test_train_step_compiled_equals_plain() -> None:
         compile=True,
         compile_backend="aot_eager",
         separable_upsample=True,
-        fused_loss=True,
     )
     _assert_same_training(_train(1, compiled), _train(1, FastPaths()), rel=1e-4)
 
@@ -282,9 +235,19 @@ def test_train_step_compiled_equals_plain() -> None:
 def test_default_fast_paths() -> None:
     cuda = default_fast_paths("cuda")
     assert cuda.channels_last and cuda.bf16_autocast and cuda.compile and cuda.separable_upsample
-    assert cuda.fused_loss and cuda.teacher_inference_mode and cuda.prefetch and cuda.oom_fallback
+    assert cuda.teacher_inference_mode and cuda.prefetch and cuda.oom_fallback
+    assert cuda.cudnn_benchmark
     cpu = default_fast_paths(CPU)
-    assert not (cpu.channels_last or cpu.compile or cpu.separable_upsample or cpu.fused_loss or cpu.prefetch)
+    assert not (cpu.channels_last or cpu.compile or cpu.separable_upsample or cpu.prefetch)
+
+
+def test_step_context_scopes_cudnn_autotuning() -> None:
+    before = torch.backends.cudnn.benchmark
+    with FastPaths(cudnn_benchmark=True).step_context():
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == before
+    with FastPaths().step_context():
+        assert torch.backends.cudnn.benchmark == before
 
 
 def test_device_batches_moves_and_lays_out_the_images() -> None:
@@ -294,6 +257,10 @@ def test_device_batches_moves_and_lays_out_the_images() -> None:
     for (images, labels), (original, original_labels) in zip(moved, batches, strict=True):
         assert images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(images, original) and torch.equal(labels, original_labels)
+    # Without channels_last the layout the loader gave is kept, whatever it is.
+    strided = [(torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last), torch.zeros(2, 8, 8))]
+    ((images, _),) = device_batches(strided, CPU, FastPaths())
+    assert images.is_contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------- accumulation and the OOM fallback
