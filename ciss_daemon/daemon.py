@@ -92,6 +92,13 @@ class Daemon:
     def start(self) -> None:
         """Take the lock, upgrade the catalog (after a backup), repair what a crash left, start the timers."""
         self.lock.acquire()
+        try:
+            self._start_locked()
+        except BaseException:
+            self.lock.release()  # a failed start must not keep the workspace locked
+            raise
+
+    def _start_locked(self) -> None:
         url = self.ws.catalog_url(self.settings)
         backup = catalog.upgrade_catalog(url, backup_dir=self.ws.backups)
         if backup is not None:
@@ -415,15 +422,7 @@ class Daemon:
             job = s.scalar(select(Job).where(Job.step_id == step.id, Job.state == "queued").order_by(Job.id))
             if job is None:
                 return
-            if job.attempts >= job.max_attempts:
-                catalog.finish_job(
-                    session=s,
-                    job=job,
-                    state="failed",
-                    error=f"gave up after {job.attempts} attempts",
-                    now=utc(now),
-                )
-                return
+            # A job whose attempts are spent never comes back to the queue: end_attempt fails its step.
             # Built in the same transaction as start_job: class ids of waiting steps may still move.
             request = build_request(s, step, job, self.settings)
             process = TrainingProcess.start(Path(job.workdir), request)
@@ -484,10 +483,9 @@ class Daemon:
                 self.process_job_id,
                 OUTCOME_RETRY_SECONDS,
             )
-        try:
-            with self.session() as s:
-                self.reconcile_current(s, now)
-                if first:
+        if first:
+            try:
+                with self.session() as s:
                     job = s.get(Job, self.process_job_id)
                     catalog.log_event(
                         session=s,
@@ -498,8 +496,13 @@ class Daemon:
                         step=job.step if job is not None else None,
                         now=utc(now),
                     )
-        except Exception:  # the catalog's disk may be the full one: the log above says it all
-            log.warning("could not record the error in the catalog either; see the log above")
+            except Exception:  # the catalog's disk may be the full one: the log above says it all
+                log.warning("could not record the error in the catalog either; see the log above")
+        try:
+            with self.session() as s:
+                self.reconcile_current(s, now)
+        except Exception as again:
+            log.warning("could not check models/current against the catalog (%s); retrying later", again)
 
     def record_progress(self, now: float) -> None:
         assert self.process is not None
@@ -608,7 +611,7 @@ def holds_files(folder: Path, files: dict[str, str]) -> bool:
         sha = hashlib.sha256()
         try:
             with open(folder / name, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023 - used at once
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
                     sha.update(chunk)
         except OSError:
             return False

@@ -140,8 +140,10 @@ def _read_pretrained(pretrained: str, backbone_name: str) -> tuple[dict[str, Ten
         enum = _MOBILENET_WEIGHTS if backbone_name == "mobilenet_v3_large" else _RESNETS[backbone_name][1]
         source = f"model.pretrained: torchvision {backbone_name} {enum}"
         try:
-            return enum.get_state_dict(progress=False, check_hash=True), source
-        except (OSError, RuntimeError, ValueError) as err:
+            # weights_only: torchvision's default unpickles anything, and a file already in the hub cache is
+            # loaded without its hash being checked again, so a pickle planted there would run.
+            return enum.get_state_dict(progress=False, check_hash=True, weights_only=True), source
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise CheckpointError(
                 f"{source}: could not be downloaded or read from the torch hub cache ({reason}); "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batchmaker import make_batch
+
 from ciss_daemon.catalog import upgrade_catalog
 from ciss_daemon.workspace import Workspace, init_workspace
 
@@ -90,7 +91,9 @@ def new_workspace(root: Path, text: str) -> Workspace:
     return ws
 
 
-def tiny_batch(parent: Path, index: int, *, kind: str | None = None, n_train: int = 8, n_val: int = 2) -> Path:
+def tiny_batch(
+    parent: Path, index: int, *, kind: str | None = None, n_train: int = 8, n_val: int = 2
+) -> Path:
     """A unique 32x32 batch ``b<index>`` teaching class ``c<index>`` (a different seed per index)."""
     return make_batch(
         parent,
@@ -271,7 +274,10 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
                 problems.append(f"current {version} is {v_state}, its step {s_state}")
         for what, query in (
             ("step index", 'SELECT "index", count(*) FROM steps GROUP BY "index" HAVING count(*) > 1'),
-            ("batch in two steps", "SELECT batch_id, count(*) FROM steps GROUP BY batch_id HAVING count(*) > 1"),
+            (
+                "batch in two steps",
+                "SELECT batch_id, count(*) FROM steps GROUP BY batch_id HAVING count(*) > 1",
+            ),
             ("batch hash", "SELECT sha256, count(*) FROM batches GROUP BY sha256 HAVING count(*) > 1"),
             ("batch name", "SELECT name, count(*) FROM batches GROUP BY name HAVING count(*) > 1"),
             (
@@ -295,8 +301,9 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
             if s_state not in JOB_STEP_STATES[j_state]:
                 problems.append(f"job {job} is {j_state} but its step {s_index} is {s_state}")
         for s_index, s_state in q(
-            'SELECT s."index", s.state FROM steps s WHERE s.state IN (\'queued\', \'training\', \'evaluating\') '
-            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.step_id = s.id AND j.state IN ('queued', 'running'))"
+            "SELECT s.\"index\", s.state FROM steps s WHERE s.state IN ('queued', 'training', 'evaluating') "
+            "AND NOT EXISTS (SELECT 1 FROM jobs j "
+            "WHERE j.step_id = s.id AND j.state IN ('queued', 'running'))"
         ):
             problems.append(f"step {s_index} is {s_state} without a queued or running job")
         for name, taught, s_state in q(

@@ -51,7 +51,11 @@ def main(argv: list[str]) -> None:
             alive += 1
         next_at += 1.0 / hz
         time.sleep(max(0.0, next_at - time.monotonic()))
-    print(json.dumps({"reads": reads, "failures": failures, "locked": locked, "alive": alive, "messages": messages}))
+    print(
+        json.dumps(
+            {"reads": reads, "failures": failures, "locked": locked, "alive": alive, "messages": messages}
+        )
+    )
 
 
 if __name__ == "__main__":

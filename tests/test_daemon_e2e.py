@@ -7,12 +7,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemon_helpers import SETTINGS, DaemonProcess, ciss, states, status, wait_for
 
 from ciss_daemon.catalog import upgrade_catalog
 from ciss_daemon.inbox import submit_folder
@@ -20,77 +20,6 @@ from ciss_daemon.workspace import Workspace, init_workspace
 from engine.synthetic import generate_batches
 
 pytestmark = pytest.mark.slow
-
-SETTINGS = """\
-[daemon]
-settle_seconds = 0.5
-rescan_seconds = 1.0
-dispatch_seconds = 0.2
-device = "cpu"
-max_attempts = {max_attempts}
-
-[gate]
-old_miou_budget = 1.0
-new_miou_floor = {floor}
-
-[model]
-backbone = "resnet18"
-
-[train]
-epochs_base = {epochs}
-epochs_incremental = 1
-batch_size = 4
-crop_size = 32
-amp = false
-checkpoint_every = 2
-"""
-
-
-def ciss(ws: Workspace, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ciss_daemon.cli", *args, "--workspace", str(ws.root)],
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=120,
-    )
-
-
-def status(ws: Workspace) -> dict:
-    return json.loads(ciss(ws, "status", "--json").stdout)
-
-
-def states(ws: Workspace) -> list[str]:
-    return [s["state"] for s in status(ws)["steps"]]
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
-
-
-class DaemonProcess:
-    def __init__(self, ws: Workspace) -> None:
-        self.ws = ws
-        self.log = open(ws.root / "daemon.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ciss_daemon.cli", "daemon", "--workspace", str(ws.root)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.alive():
-            self.process.send_signal(sig)
-        code = self.process.wait(120)
-        self.log.close()
-        return code
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from batchmaker import make_batch, write_image, write_mask
 from daemon_helpers import (
     DaemonProcess,
     FakeClock,
@@ -35,7 +36,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from batchmaker import make_batch, manifest_text, write_image, write_mask
 from ciss_daemon.inbox import REJECTION_REPORT, submit_folder
 from ciss_daemon.workspace import Workspace
 
@@ -75,7 +75,10 @@ def accepted_names(ws: Workspace) -> list[str]:
 def rejections(ws: Workspace) -> dict[str, list[str]]:
     import json
 
-    return {name: json.loads(reasons) for name, reasons in catalog_rows(ws, "SELECT batch_name, reasons FROM rejections")}
+    return {
+        name: json.loads(reasons)
+        for name, reasons in catalog_rows(ws, "SELECT batch_name, reasons FROM rejections")
+    }
 
 
 def settle(daemon, clock: FakeClock, rounds: int = 2) -> None:
@@ -136,7 +139,9 @@ def test_a_burst_of_200_folders_is_ingested_once_each_and_never_early(
         for i in slow:
             files = sorted(p.relative_to(sources[i]) for p in sources[i].rglob("*") if p.is_file())
             manifest_first = i % 2 == 0
-            files.sort(key=lambda rel: (rel.name != "batch.toml") if manifest_first else rel.name == "batch.toml")
+            files.sort(
+                key=lambda rel: (rel.name != "batch.toml") if manifest_first else rel.name == "batch.toml"
+            )
             plans[i] = files
         pending = dict(plans)
         daemon._flag_rescan()
@@ -179,7 +184,8 @@ def test_a_lost_watcher_event_is_covered_by_the_rescan(ws: Workspace, clock: Fak
         tiny_batch(ws.inbox, 7, kind="eval", n_train=1, n_val=0)
         if daemon.watcher is not None:
             wait_for(daemon.watcher.changed.is_set, "the watcher's event", timeout=10)
-            daemon.watcher.changed.clear()  # the event is lost
+            # Every event from now on is lost: the watcher keeps signalling an Event nobody reads.
+            daemon.watcher.changed = threading.Event()
         for _ in range(5):
             clock.advance(SETTLE)
             daemon.tick(clock.now)
@@ -194,7 +200,9 @@ def test_a_lost_watcher_event_is_covered_by_the_rescan(ws: Workspace, clock: Fak
 @pytest.mark.slow
 def test_a_real_daemon_takes_a_burst_of_folders_in_every_way(tmp_path: Path) -> None:
     count = 200
-    text = settings_text(daemon__settle_seconds=1.5, daemon__rescan_seconds=2.0, daemon__training_window=NEVER)
+    text = settings_text(
+        daemon__settle_seconds=1.5, daemon__rescan_seconds=2.0, daemon__training_window=NEVER
+    )
     ws = new_workspace(tmp_path / "ws", text)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -202,6 +210,17 @@ def test_a_real_daemon_takes_a_burst_of_folders_in_every_way(tmp_path: Path) -> 
     for i in range(third):  # dropped while no daemon runs
         tiny_batch(ws.inbox, i, kind="eval", n_train=2, n_val=0)
     sources = [tiny_batch(outside, i, kind="eval", n_train=2, n_val=0) for i in range(third, count)]
+    # Three hostile folders in the burst: the real daemon rejects each with its report and goes on.
+    shutil.copytree(ws.inbox / "b000", outside / "dup")
+    tiny_batch(outside, 900, kind="eval", n_train=2, n_val=0).rename(outside / "trunc")
+    image = outside / "trunc" / "images" / "0000.png"
+    image.write_bytes(image.read_bytes()[:60])
+    os.rename(tiny_batch(outside, 901, kind="eval", n_train=2, n_val=0), os.fsencode(outside) + b"/bad-\xff")
+    hostile = {
+        "dup": "identical to a batch accepted before",
+        "trunc": "images/0000.png",
+        "bad-\\xff": "UTF-8",
+    }
     daemon = DaemonProcess(ws)
 
     def copy_slowly(folders: list[Path]) -> None:
@@ -215,7 +234,7 @@ def test_a_real_daemon_takes_a_burst_of_folders_in_every_way(tmp_path: Path) -> 
             for file in files:
                 (target / file.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(file, target / file.relative_to(folder))
-                time.sleep(0.05)
+                time.sleep(0.02)
 
     try:
         moved, slow = sources[: len(sources) // 2], sources[len(sources) // 2 :]
@@ -224,16 +243,26 @@ def test_a_real_daemon_takes_a_burst_of_folders_in_every_way(tmp_path: Path) -> 
         for folder in moved:
             os.rename(folder, ws.inbox / folder.name)
         copier.join()
-        wait_for(lambda: len(accepted_names(ws)) + len(rejections(ws)) >= count, f"{count} batches", timeout=300)
+        wait_for(lambda: len(accepted_names(ws)) >= count, f"{count} batches", timeout=300)
+        for name in ("dup", "trunc", b"bad-\xff"):  # dropped last, so the duplicate comes after b000
+            raw = name if isinstance(name, bytes) else name.encode()
+            os.rename(os.fsencode(outside) + b"/" + raw, os.fsencode(ws.inbox) + b"/" + raw)
+        wait_for(lambda: len(rejections(ws)) >= len(hostile), "the hostile folders", timeout=120)
         time.sleep(2 * 2.0)  # two more rescans: nothing may be ingested twice
     finally:
         assert daemon.stop() == 0
     names = accepted_names(ws)
     assert sorted(names) == [f"b{i:03d}" for i in range(count)]
-    assert rejections(ws) == {}
+    rejected = rejections(ws)
+    assert set(rejected) == set(hostile)
+    for name, words in hostile.items():
+        assert any(words in reason for reason in rejected[name]), rejected[name]
+    folders = os.listdir(ws.rejected)
+    assert len(folders) == 3 and all((ws.rejected / f / REJECTION_REPORT).is_file() for f in folders)
     assert set(dict(catalog_rows(ws, "SELECT name, n_train FROM batches")).values()) == {2}
     assert inbox_names(ws) == []
-    assert "database is locked" not in (ws.root / "daemon.log").read_text()
+    log = (ws.root / "daemon.log").read_text(errors="replace")
+    assert "database is locked" not in log and "Traceback" not in log
     record_figure("burst_real_daemon", folders=count, ingested_once=len(names), early=0)
 
 
@@ -247,7 +276,9 @@ def _png_header(width: int, height: int) -> bytes:
     body = struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
     idat = b"IDAT" + zlib.compress(b"\0" * 64)
     body += struct.pack(">I", len(idat) - 4) + idat + struct.pack(">I", zlib.crc32(idat))
-    return b"\x89PNG\r\n\x1a\n" + body + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return (
+        b"\x89PNG\r\n\x1a\n" + body + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    )
 
 
 def _good(parent: Path, name: str, seed: int, classes: dict[int, str] | None = None) -> Path:
@@ -357,7 +388,7 @@ def test_hostile_batches_are_rejected_with_their_reasons_and_the_daemon_carries_
 ) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    good = _good(ws.inbox, "good-0", seed=0)
+    _good(ws.inbox, "good-0", seed=0)
     settle(daemon, clock)
     assert accepted_names(ws) == ["good-0"]
     cases = _hostile_cases(outside)
@@ -410,9 +441,16 @@ def test_hostile_batches_are_rejected_with_their_reasons_and_the_daemon_carries_
 
 # --- 7. fuzz -----------------------------------------------------------------------------------------------
 
-_KEYS = st.one_of(st.integers(-3, 300).map(str), st.sampled_from(["01", "x", "", "1.0", " 2"]))
+_MASK_VALUES = ["1", "2", "3", "7", "254"]
+_KEYS = st.one_of(
+    st.sampled_from(_MASK_VALUES),
+    st.sampled_from(_MASK_VALUES),  # twice: most tables declare values the masks can hold
+    st.integers(-3, 300).map(str),
+    st.sampled_from(["01", "x", "", "1.0", " 2", "0", "255"]),
+)
 _NAMES = st.one_of(
-    st.sampled_from(["cat", "dog", "cat ", "", "a\tb", "bird"]),
+    st.from_regex(r"[a-z]{1,6}", fullmatch=True),
+    st.sampled_from(["cat", "dog", "cat ", "", "a\tb", "bird", "élan", "a b"]),
     st.text(max_size=8),
     st.integers(0, 3),
     st.booleans(),
@@ -425,26 +463,74 @@ def _toml_value(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     text = str(value)
-    escaped = "".join(c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" for c in text)
+    escaped = "".join(
+        c
+        if c.isprintable() and c not in '"\\'
+        else f"\\U{ord(c):08x}"
+        if ord(c) > 0xFFFF
+        else f"\\u{ord(c):04x}"
+        for c in text
+    )
     return f'"{escaped}"'
 
 
+def _good_name(name: object) -> bool:
+    return isinstance(name, str) and bool(name.strip()) and name == name.strip() and name.isprintable()
+
+
 @st.composite
-def _manifests(draw: st.DrawFn) -> tuple[str, dict[int, str] | None]:
-    """batch.toml text, and the classes it declares when it is a well-formed training manifest."""
-    if draw(st.integers(0, 9)) == 0:
-        return draw(st.text(max_size=60)), None
-    kind = draw(st.sampled_from([None, "train", "eval", "other"]))
-    table = draw(st.dictionaries(_KEYS, _NAMES, max_size=4))
-    lines = [f"kind = {_toml_value(kind)}"] if kind else []
+def _fuzz_batches(draw: st.DrawFn) -> tuple[str, str | None, dict[str, object], list[int]]:
+    """(batch.toml text, kind or None when the text is not a manifest, its [classes], mask values).
+
+    Half the batches start valid and get at most one spoiling change (a bad key or name, a value added
+    to or missing from the masks, an unknown kind), so that both verdicts are exercised near the edge;
+    the others are drawn wholly at random.
+    """
+    if draw(st.booleans()):
+        keys = draw(st.lists(st.sampled_from(_MASK_VALUES), min_size=1, max_size=3, unique=True))
+        names = draw(
+            st.lists(st.from_regex(r"[a-z]{1,6}", fullmatch=True), min_size=len(keys), max_size=len(keys))
+        )
+        table: dict[str, object] = dict(zip(keys, names, strict=True))
+        values = [0, 255, *(int(k) for k in keys)]
+        kind: str | None = draw(st.sampled_from([None, "train", "eval"]))
+        spoil = draw(st.sampled_from(["none", "none", "key", "name", "extra", "missing", "kind"]))
+        if spoil == "key":
+            table[draw(_KEYS)] = draw(st.from_regex(r"[a-z]{1,6}", fullmatch=True))
+        elif spoil == "name":
+            table[keys[0]] = draw(_NAMES)
+        elif spoil == "extra":
+            values.append(draw(st.integers(1, 254)))
+        elif spoil == "missing":
+            values.remove(int(keys[0]))
+        elif spoil == "kind":
+            kind = draw(st.sampled_from(["other", "Train", ""]))
+    else:
+        table = draw(st.dictionaries(_KEYS, _NAMES, max_size=4))
+        values = draw(st.lists(st.sampled_from([0, 1, 2, 3, 7, 254, 255]), min_size=1, max_size=16))
+        if draw(st.integers(0, 4)) == 0:
+            return draw(st.text(max_size=60)), None, {}, values
+        kind = draw(st.sampled_from([None, "train", "eval", "other"]))
+    values = draw(st.permutations(values))
+    lines = [f"kind = {_toml_value(kind)}"] if kind is not None else []
     lines.append("[classes]")
     lines += [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in table.items()]
-    clean = {
-        int(k): v
-        for k, v in table.items()
-        if k.isdigit() and str(int(k)) == k and 0 < int(k) < 255 and isinstance(v, str)
-    }
-    return "\n".join(lines) + "\n", clean if kind in (None, "train") else None
+    return "\n".join(lines) + "\n", "train" if kind is None else kind, table, values
+
+
+def _valid(kind: str | None, table: dict[str, object], values: list[int], reserved: set[str]) -> bool:
+    """What validation must decide, from the rules of product.md, computed independently."""
+    if kind not in ("train", "eval") or not table:
+        return False
+    if not all(k.isdigit() and str(int(k)) == k and 0 < int(k) < 255 for k in table):
+        return False
+    names = list(table.values())
+    if not all(_good_name(n) for n in names) or len(set(names)) != len(names):
+        return False
+    present = set(values) - {0, 255}
+    if present != {int(k) for k in table}:  # every declared class labelled, nothing undeclared
+        return False
+    return kind == "eval" or not reserved & set(names)  # str names: checked by _good_name above
 
 
 def test_fuzzed_manifests_and_masks_through_ingest_never_break_the_daemon(tmp_path: Path) -> None:
@@ -454,37 +540,36 @@ def test_fuzzed_manifests_and_masks_through_ingest_never_break_the_daemon(tmp_pa
     daemon = in_process_daemon(ws, clock)
     counter = {"n": 0, "accepted": 0, "rejected": 0}
 
+    reserved: set[str] = set()  # class names of accepted training batches: pending, never taught again
+
     @settings(
         max_examples=int(os.environ.get("CISS_FUZZ_EXAMPLES", 40)),
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
-    @given(
-        manifest=_manifests(),
-        values=st.lists(st.sampled_from([0, 1, 2, 3, 7, 254, 255]), min_size=1, max_size=16),
-    )
-    def ingest_one(manifest: tuple[str, dict[int, str] | None], values: list[int]) -> None:
+    @given(batch=_fuzz_batches())
+    def ingest_one(batch: tuple[str, str | None, dict[str, object], list[int]]) -> None:
+        text, kind, table, values = batch
         counter["n"] += 1
         name = f"fuzz-{counter['n']:04d}"
         folder = ws.inbox / name
         labels = np.resize(np.array(values, dtype=np.uint8), (8, 8))
         write_image(folder / "images/0000.png", (8, 8), seed=counter["n"])
         write_mask(folder / "masks/0000.png", labels)
-        (folder / "batch.toml").write_text(manifest[0], encoding="utf-8", errors="surrogatepass")
+        (folder / "batch.toml").write_text(text, encoding="utf-8", errors="surrogatepass")
+        expected = _valid(kind, table, labels.ravel().tolist(), reserved)
         daemon.ingest(folder, clock.now)  # must never raise
         assert not folder.exists()
-        accepted = accepted_names(ws)
-        rejected = rejections(ws)
-        assert (name in accepted) != (name in rejected)
-        if name in rejected:
+        accepted, rejected = name in accepted_names(ws), rejections(ws).get(name)
+        assert accepted != (rejected is not None)
+        assert accepted == expected, (text, values, rejected)
+        if rejected is not None:
             counter["rejected"] += 1
-            assert rejected[name] and (ws.rejected / name / REJECTION_REPORT).is_file()
+            assert rejected and (ws.rejected / name / REJECTION_REPORT).is_file()
             return
         counter["accepted"] += 1
-        declared = manifest[1]
-        if declared is not None:  # a training batch: its masks hold only declared values, each present
-            present = set(np.unique(labels).tolist()) - {0, 255}
-            assert present == set(declared)
+        if kind == "train":
+            reserved.update(str(v) for v in table.values())
 
     try:
         ingest_one()
@@ -493,4 +578,6 @@ def test_fuzzed_manifests_and_masks_through_ingest_never_break_the_daemon(tmp_pa
         daemon.shutdown()
     assert integrity_problems(ws, at_rest=True) == []
     assert counter["accepted"] + counter["rejected"] == counter["n"]
-    record_figure("fuzz_ingest", inputs=counter["n"], accepted=counter["accepted"], rejected=counter["rejected"])
+    record_figure(
+        "fuzz_ingest", inputs=counter["n"], accepted=counter["accepted"], rejected=counter["rejected"]
+    )
