@@ -384,22 +384,25 @@ class Daemon:
         elif target is not None:
             (self.ws.models / "current").unlink()
 
+    def fail_job(self, s: Session, job: Job, message: str, now: float) -> None:
+        """Fail a job and its step for good, with the reason in the catalog, its event log and the log."""
+        catalog.finish_job(session=s, job=job, state="failed", error=message, now=utc(now))
+        catalog.log_event(
+            session=s,
+            kind="failed",
+            level="error",
+            message=f"step {job.step.index} failed: {message}",
+            step=job.step,
+            now=utc(now),
+        )
+        log.error("step %d failed: %s", job.step.index, message)
+
     def end_attempt(self, s: Session, job: Job, reason: str, now: float, *, counted: bool = True) -> None:
         """Requeue a job whose attempt ended early, or fail its step once its attempts are spent."""
         if not counted:
             job.attempts -= 1  # a requested stop (SIGTERM) is not a failed attempt
         if job.attempts >= job.max_attempts:
-            message = f"{reason}; gave up after {job.attempts} attempts"
-            catalog.finish_job(session=s, job=job, state="failed", error=message, now=utc(now))
-            catalog.log_event(
-                session=s,
-                kind="failed",
-                level="error",
-                message=f"step {job.step.index} failed: {message}",
-                step=job.step,
-                now=utc(now),
-            )
-            log.error("step %d failed: %s", job.step.index, message)
+            self.fail_job(s, job, f"{reason}; gave up after {job.attempts} attempts", now)
             return
         catalog.requeue_job(session=s, job=job, error=reason, now=utc(now))
         catalog.log_event(
@@ -528,16 +531,7 @@ class Daemon:
             elif outcome.kind == "stopped":
                 self.end_attempt(s, job, "training stopped with the daemon", now, counted=False)
             elif outcome.kind == "failed":
-                catalog.finish_job(session=s, job=job, state="failed", error=outcome.reason, now=utc(now))
-                catalog.log_event(
-                    session=s,
-                    kind="failed",
-                    level="error",
-                    message=f"step {job.step.index} failed: {outcome.reason}",
-                    step=job.step,
-                    now=utc(now),
-                )
-                log.error("step %d failed: %s", job.step.index, outcome.reason)
+                self.fail_job(s, job, outcome.reason, now)
             else:
                 self.end_attempt(s, job, outcome.reason, now, counted=not stopping)
 

@@ -62,7 +62,7 @@ pos_weight_incremental = 10.0
 
 [train]
 lr_base = 0.01
-lr_incremental = 0.0003
+lr_incremental = 0.0001
 epochs_base = {epochs_base}
 epochs_incremental = {epochs_incremental}
 batch_size = {batch_size}

@@ -20,6 +20,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from ciss_daemon.exceptions import SubmitError, WorkspaceError
+from ciss_daemon.promotion import fsync_dir
 from ciss_daemon.validation import MANIFEST, Problem, printable
 
 STAGING = ".staging"
@@ -153,7 +154,7 @@ def submit_folder(source: Path, inbox: Path) -> Path:
         (staging / SUBMITTED_MARKER).touch()
         _fsync_tree(staging)
         os.rename(staging, target)
-        _fsync_dir(inbox)
+        fsync_dir(inbox)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)  # only our own partial copy
         if isinstance(exc, OSError):
@@ -191,7 +192,7 @@ def store_folder(folder: Path, *, store: Path, sha256: str) -> Path:
         _fsync_tree(copy)
         stored = _free_path(store, f"{name}-{sha256[:8]}")
         os.rename(copy, stored)
-        _fsync_dir(store)
+        fsync_dir(store)
     except BaseException:
         shutil.rmtree(copy, ignore_errors=True)  # only our own partial copy; the original is untouched
         raise
@@ -203,7 +204,7 @@ def archive_folder(folder: Path, *, archive: Path, now: datetime) -> Path:
     archive.mkdir(parents=True, exist_ok=True)
     archived = _free_path(archive, f"{folder.name}-{_utc_stamp(now)}")
     shutil.move(folder, archived)
-    _fsync_dir(archive)
+    fsync_dir(archive)
     return archived
 
 
@@ -229,8 +230,8 @@ def reject_folder(folder: Path, *, rejected: Path, problems: Sequence[Problem], 
     partial.write_text(rejection_report(name, problems, now), encoding="utf-8", errors="backslashreplace")
     _fsync_path(os.fspath(partial))
     os.replace(partial, report)
-    _fsync_dir(destination)
-    _fsync_dir(rejected)
+    fsync_dir(destination)
+    fsync_dir(rejected)
     return destination
 
 
@@ -318,11 +319,6 @@ def _fsync_tree(root: Path) -> None:
             if stat.S_ISREG(os.lstat(path).st_mode):
                 _fsync_path(path)
         _fsync_path(dirpath)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a folder's entries, making a rename into it durable."""
-    _fsync_path(os.fspath(path))
 
 
 def _fsync_path(path: str) -> None:

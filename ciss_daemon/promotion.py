@@ -61,6 +61,7 @@ def gate(
 
 
 def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries, making a rename into it durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
