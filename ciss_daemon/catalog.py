@@ -363,8 +363,15 @@ def batch_value_map(*, session: Session, batch: Batch) -> dict[int, int]:
 
 
 def find_batch_by_hash(*, session: Session, sha256: str) -> Batch | None:
-    """The accepted batch with this content hash, if any."""
-    return session.scalar(select(Batch).where(Batch.sha256 == sha256))
+    """The latest accepted batch with this content hash, if any."""
+    return session.scalar(select(Batch).where(Batch.sha256 == sha256).order_by(Batch.id.desc()).limit(1))
+
+
+def live_batch_hashes(*, session: Session) -> set[str]:
+    """Content hashes a new batch may not repeat: evaluation sets, and training batches whose step is not
+    failed, discarded or rolled back (those may be submitted again, unchanged)."""
+    rows = session.execute(select(Batch.sha256, Step.state).outerjoin(Step, Step.batch_id == Batch.id))
+    return {sha256 for sha256, state in rows if state not in RELEASED_STATES}
 
 
 def record_rejection(

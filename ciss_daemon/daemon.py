@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import catalog, service
-from ciss_daemon.db import Batch, Class, Job, ModelVersion, Step
+from ciss_daemon.db import Class, Job, ModelVersion, Step
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.inbox import (
     SUBMITTED_MARKER,
@@ -233,7 +233,7 @@ class Daemon:
         """Validate a complete folder; accept it as a batch (and a step) or reject it with its reasons."""
         with self.session() as s:
             unavailable = self.unavailable_names(s)
-            known = set(s.scalars(select(Batch.sha256)))
+            known = catalog.live_batch_hashes(session=s)
         limits = self.settings.limits
         result = validate_batch(
             folder,

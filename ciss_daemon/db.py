@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # The revision `migrations/versions` ends at. Kept here so that readers (`ciss status`) can check the
 # catalog without importing alembic; a test pins it to the migrations' head.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -102,8 +102,9 @@ class Batch(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), index=True)
     kind: Mapped[str] = mapped_column(String(16))
-    # Hash of the batch's content: the same data dropped twice is recognised under any folder name.
-    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    # Hash of the batch's content: the same data dropped twice is recognised under any folder name. Not
+    # unique: a batch whose step failed, was discarded or rolled back may be accepted again.
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     store_path: Mapped[str] = mapped_column(Text)
     # The manifest's [classes]: mask value (as a JSON key, a string) -> class name.

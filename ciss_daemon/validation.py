@@ -212,7 +212,7 @@ def validate_batch(
             Problem(
                 ".",
                 "is identical to a batch accepted before (same files, same content)",
-                "nothing to do, its data is already learned; to teach new classes submit new data",
+                "nothing to do, it is learnt or waiting to be; to teach new classes submit new data",
             )
         )
 

@@ -272,14 +272,19 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
         for version, v_state, s_state in current:
             if (v_state, s_state) != ("promoted", "promoted"):
                 problems.append(f"current {version} is {v_state}, its step {s_state}")
+        live = (
+            "(SELECT b.* FROM batches b LEFT JOIN steps s ON s.batch_id = b.id "
+            "WHERE s.state IS NULL OR s.state NOT IN ('failed', 'discarded', 'rolled_back'))"
+        )
         for what, query in (
             ("step index", 'SELECT "index", count(*) FROM steps GROUP BY "index" HAVING count(*) > 1'),
             (
                 "batch in two steps",
                 "SELECT batch_id, count(*) FROM steps GROUP BY batch_id HAVING count(*) > 1",
             ),
-            ("batch hash", "SELECT sha256, count(*) FROM batches GROUP BY sha256 HAVING count(*) > 1"),
-            ("batch name", "SELECT name, count(*) FROM batches GROUP BY name HAVING count(*) > 1"),
+            # Among live batches only: the batch of a failed, discarded or rolled-back step may come back.
+            ("batch hash", f"SELECT sha256, count(*) FROM {live} GROUP BY sha256 HAVING count(*) > 1"),
+            ("batch name", f"SELECT name, count(*) FROM {live} GROUP BY name HAVING count(*) > 1"),
             (
                 "promoted model per step",
                 "SELECT step_id, count(*) FROM model_versions WHERE state IN ('promoted', 'retired') "

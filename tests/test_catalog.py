@@ -126,6 +126,24 @@ def test_find_batch_by_hash(session: Session) -> None:
     assert cat.find_batch_by_hash(session=session, sha256=sha("other")) is None
 
 
+def test_a_released_batch_may_be_accepted_again_with_its_hash(session: Session, tmp_path: Path) -> None:
+    promoted(session, add_step(session, "a", {1: "car"}), tmp_path)
+    failed = add_step(session, "b", {1: "bus"})
+    add_batch(session, "full", {1: "car"}, kind="eval")
+    assert cat.live_batch_hashes(session=session) == {sha("a"), sha("b"), sha("full")}
+    job = cat.create_job(session=session, step=failed, max_attempts=1, jobs_dir=tmp_path / "jobs")
+    cat.start_job(session=session, job=job, pid=4242)
+    cat.finish_job(session=session, job=job, state="failed", error="disk full")
+    assert failed.state == "failed"
+    assert cat.live_batch_hashes(session=session) == {sha("a"), sha("full")}
+    # The same content again (the failed step's folder, resubmitted): a new batch and a new step.
+    again = cat.create_step(session=session, batch=add_batch(session, "b", {1: "bus"}), now=T0)
+    assert (again.index, [c.name for c in again.classes]) == (2, ["bus"])
+    assert ids(session) == {"car": 1, "bus": 2}
+    assert cat.find_batch_by_hash(session=session, sha256=sha("b")) is again.batch
+    assert cat.live_batch_hashes(session=session) == {sha("a"), sha("b"), sha("full")}
+
+
 def test_eval_set_is_mapped_to_the_classes_known_at_each_look(session: Session, tmp_path: Path) -> None:
     promoted(session, add_step(session, "a", {1: "car"}), tmp_path)
     evaluation = add_batch(session, "full", {1: "car", 2: "tram"}, kind="eval")

@@ -219,7 +219,11 @@ def _seed_0001(db: sqlite3.Connection) -> None:
 
 # How to fill a catalog left at each revision before head with rows, in that revision's own schema (raw
 # SQL: the ORM models follow head). A new migration must add a seeder for the revision it upgrades from.
-SEEDERS: dict[str, Callable[[sqlite3.Connection], None]] = {"base": _seed_nothing, "0001": _seed_0001}
+SEEDERS: dict[str, Callable[[sqlite3.Connection], None]] = {
+    "base": _seed_nothing,
+    "0001": _seed_0001,
+    "0002": _seed_0001,  # 0002 added an index only
+}
 
 
 def _populate(url: str, tag: str = "b") -> dict[str, int]:

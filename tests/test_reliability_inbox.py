@@ -90,6 +90,32 @@ def settle(daemon, clock: FakeClock, rounds: int = 2) -> None:
     daemon.tick(clock.now)
 
 
+def test_a_failed_steps_batch_can_be_submitted_again(daemon, ws: Workspace, clock: FakeClock) -> None:
+    from sqlalchemy import select
+
+    from ciss_daemon import catalog
+    from ciss_daemon.db import Job
+
+    source = tiny_batch(ws.root / "kept", 0, kind="train", n_train=2, n_val=1)
+    submit_folder(source, ws.inbox)
+    settle(daemon, clock)
+    shutil.copytree(source, ws.inbox / "again")  # while its step waits: the same data twice is refused
+    settle(daemon, clock)
+    assert accepted_names(ws) == ["b000"]
+    assert any("identical to a batch accepted before" in r for r in rejections(ws)["again"])
+
+    with daemon.session() as s:  # the step fails for good (e.g. its attempts ran out on a full disk)
+        job = s.scalar(select(Job))
+        catalog.start_job(session=s, job=job, pid=1)
+        daemon.fail_job(s, job, "disk full", clock.now)
+    submit_folder(source, ws.inbox)
+    settle(daemon, clock)
+    assert accepted_names(ws) == ["b000", "b000"]
+    steps = catalog_rows(ws, 'SELECT "index", state FROM steps ORDER BY "index"')
+    assert steps == [(0, "failed"), (1, "queued")]
+    assert catalog_rows(ws, "SELECT id, name, step_id FROM classes") == [(1, "c0", 2)]
+
+
 # --- 6. bursts ---------------------------------------------------------------------------------------------
 
 

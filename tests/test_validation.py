@@ -331,8 +331,8 @@ def test_identical_batch_accepted_before(tmp_path: Path) -> None:
     folder = make_batch(tmp_path)
     sha = validate_batch(folder).batch.sha256
     line = (
-        ".: is identical to a batch accepted before (same files, same content) — nothing to do, its data is "
-        "already learned; to teach new classes submit new data"
+        ".: is identical to a batch accepted before (same files, same content) — nothing to do, it is learnt "
+        "or waiting to be; to teach new classes submit new data"
     )
     assert problem_lines(folder, known_hashes={sha}) == [line]
     assert problem_lines(folder, known_hashes=lambda digest: digest == sha) == [line]
