@@ -128,9 +128,10 @@ def validate_batch(
 ) -> ValidationResult:
     """Check the batch in `folder` against the product's rules and report every problem found.
 
-    `taught_names` are class names already taught (refused in a training batch); `known_hashes` are the
-    content hashes of batches accepted before, as a collection or a membership test. Pillow's own
-    decompression-bomb limit (about 179 million pixels) caps `max_image_pixels`.
+    `taught_names` are class names already taught or pending in an unfinished step (refused in a training
+    batch); `known_hashes` are the content hashes of live batches accepted before, as a collection or a
+    membership test. Pillow's own decompression-bomb limit (about 179 million pixels) caps
+    `max_image_pixels`.
     """
     limits = _Limits(max_batch_bytes, max_files, max_image_pixels, max_image_side)
     folder = Path(folder)
@@ -198,7 +199,8 @@ def validate_batch(
                 problems.append(
                     Problem(
                         MANIFEST,
-                        f'class "{name}" (value {value}) is already taught',
+                        f'class "{name}" (value {value}) is already taught, or waits to be in an earlier '
+                        "step",
                         "a training batch may only teach new classes: remove it from [classes] and set its "
                         'pixels to 0 or 255, rename it if it is a different class, or set kind = "eval" '
                         "for an evaluation set",

@@ -321,9 +321,9 @@ def test_declared_class_without_pixels(tmp_path: Path) -> None:
 def test_already_taught_class(tmp_path: Path) -> None:
     folder = make_batch(tmp_path, classes={1: "bicycle", 2: "car"})
     assert problem_lines(folder, taught_names={"car", "bus"}) == [
-        'batch.toml: class "car" (value 2) is already taught — a training batch may only teach new '
-        "classes: remove it from [classes] and set its pixels to 0 or 255, rename it if it is a different "
-        'class, or set kind = "eval" for an evaluation set'
+        'batch.toml: class "car" (value 2) is already taught, or waits to be in an earlier step — a '
+        "training batch may only teach new classes: remove it from [classes] and set its pixels to 0 or "
+        '255, rename it if it is a different class, or set kind = "eval" for an evaluation set'
     ]
 
 
