@@ -32,16 +32,21 @@ PROGRESS = "progress.json"
 RESULT = "result.json"
 ERROR = "error.txt"
 CANDIDATE = "candidate"
+log = logging.getLogger("ciss.worker")
 
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file, fsync, rename) so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, allow_nan=False, default=_nan_to_none)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, allow_nan=False, default=_nan_to_none)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -53,16 +58,32 @@ def _finite(value: float) -> float | None:
 
 
 class ProgressWriter:
-    """Rewrites progress.json at most once a second (and at phase changes)."""
+    """Rewrites progress.json at most once a second (and at phase changes).
+
+    Progress is what `ciss status` shows, not the job's outcome (the exit code and result.json are), so a
+    write that fails (a full disk) is logged once and training goes on; the next write tries again.
+    """
 
     def __init__(self, path: Path, interval: float = 1.0) -> None:
         self.path = path
         self.interval = interval
         self.last = 0.0
+        self.failing = False
 
     def phase(self, phase: str, **fields: Any) -> None:
-        write_json(self.path, {"phase": phase, "updated_at": time.time(), **fields})
         self.last = time.monotonic()
+        try:
+            write_json(self.path, {"phase": phase, "updated_at": time.time(), **fields})
+        except OSError as error:
+            if not self.failing:
+                log.warning(
+                    "could not write %s (%s); training goes on without progress reports", self.path, error
+                )
+            self.failing = True
+            return
+        if self.failing:
+            log.info("progress reports resumed in %s", self.path)
+        self.failing = False
 
     def __call__(self, p: Any) -> None:
         if time.monotonic() - self.last < self.interval and p.iteration < p.total_iterations:

@@ -319,3 +319,27 @@ def test_a_full_disk_during_a_checkpoint_fails_the_step_and_keeps_the_previous_c
     assert catalog_rows(ws, "SELECT name FROM batches WHERE kind = 'eval'") == [("b002",)]
     assert integrity_problems(ws, at_rest=True) == []
     record_figure("disk_full_checkpoint", survived=True)
+
+
+def test_a_full_disk_while_writing_progress_does_not_stop_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ciss_daemon.worker import PROGRESS, ProgressWriter
+
+    writer = ProgressWriter(tmp_path / PROGRESS)
+    writer.phase("starting")
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with caplog.at_level("WARNING", logger="ciss.worker"):
+        writer.phase("training", iteration=1)
+        writer.phase("training", iteration=2)
+    assert [r.getMessage().count("No space left") for r in caplog.records] == [1]  # said once
+    assert json.loads((tmp_path / PROGRESS).read_text())["phase"] == "starting"  # the last whole one
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    writer.phase("training", iteration=3)
+    assert json.loads((tmp_path / PROGRESS).read_text())["iteration"] == 3
