@@ -186,7 +186,13 @@ def _metrics(rng: random.Random, ids: range, new_from: int) -> dict[str, Any]:
 
 
 def build_catalog(
-    ws: Workspace, *, steps: int, classes_per_step: int = 3, seed: int = 0, now: dt.datetime | None = None
+    ws: Workspace,
+    *,
+    steps: int,
+    classes_per_step: int = 3,
+    seed: int = 0,
+    now: dt.datetime | None = None,
+    url: str | None = None,
 ) -> CatalogStats:
     """Fill the (empty, upgraded) catalog of ``ws`` with ``steps`` promoted steps, as a long-lived daemon
     would have left it: one batch of ``classes_per_step`` classes per step, a done job with its last progress
@@ -196,7 +202,8 @@ def build_catalog(
     Rows go in with bulk inserts in one transaction: the catalog functions re-number every class on each
     new batch (``_compact_class_ids``), which makes building 1,000 steps through them quadratic. The rows
     keep the catalog's invariants (contiguous class ids in step order, one current model, retired
-    predecessors), so every reader sees what the daemon writes. No model files are written.
+    predecessors), so every reader sees what the daemon writes. No model files are written. ``url``: another
+    catalog than the workspace's SQLite file (e.g. PostgreSQL; its ``bytes`` are then 0).
     """
     rng = random.Random(seed)
     end = now or catalog.utcnow()
@@ -354,7 +361,7 @@ def build_catalog(
         next_class = ids.stop
 
     started = time.perf_counter()
-    engine = catalog.make_engine(f"sqlite:///{ws.catalog_path}")
+    engine = catalog.make_engine(url or f"sqlite:///{ws.catalog_path}")
     try:
         with catalog.transaction(catalog.session_factory(engine)) as session:
             # Parents first: foreign keys are on, as in every catalog connection.

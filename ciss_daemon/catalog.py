@@ -6,6 +6,12 @@ usually with :func:`transaction`. Readers such as ``ciss status`` use a plain se
 On SQLite every connection runs in WAL mode, so readers see the last committed state while the single
 writer works, and write transactions start with ``BEGIN IMMEDIATE``, so two writers queue on the busy
 timeout instead of failing when one upgrades a read lock to a write lock.
+
+On PostgreSQL a write transaction takes a transaction-level advisory lock first (``pg_advisory_xact_lock``),
+which serialises writers exactly as ``BEGIN IMMEDIATE`` does; at READ COMMITTED every statement after the
+lock sees what the previous writer committed. Readers opened with ``read_only=True`` run REPEATABLE READ,
+READ ONLY, so one snapshot covers all the queries of ``ciss status``. A running daemon holds a session-level
+advisory lock for its lifetime (:class:`DaemonLease`): one daemon per catalog, whichever host it runs on.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
+import socket
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,6 +32,7 @@ from sqlalchemy import Engine, create_engine, event, func, inspect, or_, select,
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from ciss_daemon.db import (
     BATCH_KINDS,
@@ -40,15 +48,22 @@ from ciss_daemon.db import (
     Step,
     utcnow,
 )
-from ciss_daemon.exceptions import CatalogError, OperatorError, SchemaError
+from ciss_daemon.exceptions import CatalogError, DaemonRunningError, OperatorError, SchemaError
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
 BUSY_TIMEOUT_MS = 5000
-# Execution option that makes SQLite open the transaction with BEGIN IMMEDIATE (see _on_begin).
+# Execution option that makes SQLite open the transaction with BEGIN IMMEDIATE, and PostgreSQL take the
+# writers' advisory lock (see _configure_sqlite and _configure_postgresql).
 _WRITE_KEY = "ciss_write"
 WRITE_OPTIONS = {_WRITE_KEY: True}
+# PostgreSQL advisory lock keys (64-bit, any value; these spell "cissW" and "cissD"): writers hold the
+# first for one transaction, a running daemon holds the second for its lifetime. Scoped to the database.
+WRITER_LOCK_KEY = 0x6369737357
+DAEMON_LOCK_KEY = 0x6369737344
+# Seconds a PostgreSQL connection may take to open: an unreachable server is reported, not waited on.
+CONNECT_TIMEOUT_S = 10
 
 # Which state a step may move to from each state (the lifecycle of product.md).
 STEP_TRANSITIONS: dict[str, tuple[str, ...]] = {
@@ -86,15 +101,29 @@ def make_engine(url: str, *, foreign_keys: bool = True, read_only: bool = False)
         engine = create_engine(read_only_url)
         _configure_sqlite(engine, foreign_keys=foreign_keys, read_only=True)
         return engine
-    try:
-        engine = create_engine(parsed, pool_pre_ping=parsed.get_backend_name() != "sqlite")
-    except (NoSuchModuleError, ImportError) as exc:
-        raise CatalogError(
-            f"cannot open catalog at {_describe(parsed)}: {exc}; install its database driver"
-        ) from None
+    engine = _create(parsed, pool_pre_ping=parsed.get_backend_name() != "sqlite")
     if parsed.get_backend_name() == "sqlite":
         _configure_sqlite(engine, foreign_keys=foreign_keys)
+    elif parsed.get_backend_name() == "postgresql":
+        _configure_postgresql(engine)
+        if read_only:
+            engine = engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
     return engine
+
+
+def _create(url: URL, **kwargs: Any) -> Engine:
+    """``create_engine`` with a missing driver reported in one line (``ciss[postgres]`` for PostgreSQL)."""
+    if url.get_backend_name() == "postgresql":
+        if url.drivername == "postgresql":  # SQLAlchemy's default driver for it would be psycopg2
+            url = url.set(drivername="postgresql+psycopg")
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    try:
+        return create_engine(url, **kwargs)
+    except (NoSuchModuleError, ImportError) as exc:
+        hint = "pip install 'ciss[postgres]'" if url.get_backend_name() == "postgresql" else "install it"
+        raise CatalogError(
+            f"cannot open catalog at {_describe(url)}: no database driver ({exc}); {hint}"
+        ) from None
 
 
 def _configure_sqlite(engine: Engine, *, foreign_keys: bool, read_only: bool = False) -> None:
@@ -116,6 +145,14 @@ def _configure_sqlite(engine: Engine, *, foreign_keys: bool, read_only: bool = F
     def _on_begin(connection: Any) -> None:
         immediate = connection.get_execution_options().get(_WRITE_KEY, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        if connection.get_execution_options().get(_WRITE_KEY, False):
+            # Released by the transaction's commit or rollback, and by the server if the writer dies.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -173,18 +210,72 @@ def _read_only_sqlite(url: URL) -> URL | None:
     return make_url(f"sqlite:///file:{quote(str(path.resolve()))}?{options}&uri=true")
 
 
+class DaemonLease:
+    """One daemon per catalog: on PostgreSQL, a session-level advisory lock held for the daemon's lifetime.
+
+    The workspace's ``flock`` keeps two daemons of one host apart; two hosts that share a PostgreSQL
+    catalog meet here. The lock lives on a connection of its own, named after the host and pid so the
+    refusal can say who holds it, and the server drops it when that connection ends, however the daemon
+    dies (a host that vanishes is noticed by the server's TCP keepalive). On SQLite this is a no-op: the
+    catalog file sits in the workspace, under the workspace's lock.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine | None = None
+        self.connection: Any = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`DaemonRunningError` naming the daemon that holds it."""
+        parsed = _parse_url(self.url)
+        if parsed.get_backend_name() != "postgresql":
+            return
+        name = f"ciss daemon {socket.gethostname()} pid {os.getpid()}"
+        engine = _create(parsed, poolclass=NullPool)
+        engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            connection = engine.connect()
+            connection.exec_driver_sql(f"SET application_name = '{_quoted(name)}'")
+            if connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({DAEMON_LOCK_KEY})").scalar():
+                self.engine, self.connection = engine, connection
+                return
+            holder = connection.exec_driver_sql(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+                f"AND (l.classid::bigint << 32 | l.objid::bigint) = {DAEMON_LOCK_KEY}"
+            ).scalar()
+            connection.close()
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            reason = exc.__cause__ or exc
+            raise CatalogError(f"cannot open catalog at {_describe(parsed)}: {reason}") from None
+        engine.dispose()
+        who = (holder or "ciss daemon").removeprefix("ciss daemon").strip() or "on another host"
+        raise DaemonRunningError(
+            f"a ciss daemon ({who}) already uses the catalog at {_describe(parsed)}; stop it first"
+        )
+
+    def release(self) -> None:
+        if self.connection is not None:
+            self.connection.close()  # ending the session drops its advisory locks
+            self.connection = None
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
+
+
+def _quoted(value: str) -> str:
+    return value.replace("'", "''")
+
+
 # --- schema ----------------------------------------------------------------------------------------------
 
 
 def _read_revision(url: URL) -> tuple[str | None, bool]:
     """The catalog's schema revision and whether it holds any table, read without changing the file."""
     # A plain engine, not make_engine: switching a file to WAL would change it before its revision is known.
-    try:
-        engine = create_engine(_read_only_sqlite(url) or url)
-    except (NoSuchModuleError, ImportError) as exc:
-        raise CatalogError(
-            f"cannot open catalog at {_describe(url)}: {exc}; install its database driver"
-        ) from None
+    engine = _create(_read_only_sqlite(url) or url, poolclass=NullPool)
     try:
         with engine.connect() as connection:
             tables = inspect(connection).get_table_names()

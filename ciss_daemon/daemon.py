@@ -82,6 +82,8 @@ class Daemon:
         self.outcome_retry_at = 0.0
         self.outcome_error: str | None = None
         self.lock = service.InstanceLock(workspace.lock_path)
+        # One daemon per catalog too: two hosts may point at one PostgreSQL catalog.
+        self.lease = catalog.DaemonLease(workspace.catalog_url(settings))
         self.watcher: InboxWatcher | None = None
         self.scheduler: Any = None
         self.factory: sessionmaker[Session] | None = None
@@ -93,9 +95,11 @@ class Daemon:
         """Take the lock, upgrade the catalog (after a backup), repair what a crash left, start the timers."""
         self.lock.acquire()
         try:
+            self.lease.acquire()
             self._start_locked()
         except BaseException:
-            self.lock.release()  # a failed start must not keep the workspace locked
+            self.lease.release()  # a failed start must not keep the workspace or the catalog locked
+            self.lock.release()
             raise
 
     def _start_locked(self) -> None:
@@ -186,6 +190,7 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
         if self.watcher is not None:
             self.watcher.stop()
+        self.lease.release()
         self.lock.release()
         log.info("ciss daemon stopped")
 

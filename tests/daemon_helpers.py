@@ -21,6 +21,7 @@ from typing import Any
 from batchmaker import make_batch
 
 from ciss_daemon.catalog import upgrade_catalog
+from ciss_daemon.settings import load_settings
 from ciss_daemon.workspace import Workspace, init_workspace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,11 +85,33 @@ def settings_text(**overrides: Any) -> str:
     return "\n".join(lines)
 
 
-def new_workspace(root: Path, text: str) -> Workspace:
-    """A workspace with ``text`` as ciss.toml and its catalog created, as `ciss init` leaves it."""
+def new_workspace(root: Path, text: str, *, catalog_url: str | None = None) -> Workspace:
+    """A workspace with ``text`` as ciss.toml and its catalog created, as `ciss init` leaves it.
+
+    ``catalog_url`` (e.g. a PostgreSQL database of the ``postgres`` fixture) becomes ``[catalog] url``;
+    without it the catalog is the workspace's SQLite file."""
+    if catalog_url is not None:
+        text += f"\n[catalog]\nurl = {json.dumps(catalog_url)}\n"
     ws = init_workspace(root, settings_text=text)
-    upgrade_catalog(f"sqlite:///{ws.catalog_path}", backup_dir=ws.backups)
+    upgrade_catalog(workspace_catalog_url(ws), backup_dir=ws.backups)
     return ws
+
+
+def workspace_catalog_url(ws: Workspace) -> str:
+    return ws.catalog_url(load_settings(ws.settings_path))
+
+
+# One engine per PostgreSQL catalog, for the polling helpers below (SQLite is opened per query).
+_ENGINES: dict[str, Any] = {}
+
+
+def _postgres(url: str) -> Any:
+    if url not in _ENGINES:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        _ENGINES[url] = create_engine(url, poolclass=NullPool)
+    return _ENGINES[url]
 
 
 def tiny_batch(
@@ -126,7 +149,13 @@ def states(ws: Workspace) -> list[str]:
 
 
 def catalog_rows(ws: Workspace, query: str, params: tuple = ()) -> list[tuple]:
-    """Rows of a plain SQL query on the catalog (cheaper than `ciss status` in a polling loop)."""
+    """Rows of a plain SQL query on the catalog (cheaper than `ciss status` in a polling loop); ``?``
+    marks the parameters on either backend."""
+    url = workspace_catalog_url(ws)
+    if url.startswith("postgresql"):
+        with _postgres(url).connect() as connection:
+            rows = connection.exec_driver_sql(query.replace("?", "%s"), params).fetchall()
+        return [tuple(row) for row in rows]
     db = sqlite3.connect(f"file:{ws.catalog_path}?mode=ro", uri=True, timeout=10)
     try:
         return db.execute(query, params).fetchall()
@@ -256,12 +285,15 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
     from engine.exceptions import CheckpointError
 
     problems: list[str] = []
-    db = sqlite3.connect(ws.catalog_path, timeout=10)
+    url = workspace_catalog_url(ws)
+    # PostgreSQL enforces foreign keys on every write and has no integrity_check: its checks are SQLite's.
+    postgres = url.startswith("postgresql")
+    db: Any = _postgres(url).connect() if postgres else sqlite3.connect(ws.catalog_path, timeout=10)
     try:
-        q = db.execute
-        if (check := q("PRAGMA integrity_check").fetchall()) != [("ok",)]:
+        q = db.exec_driver_sql if postgres else db.execute
+        if not postgres and (check := q("PRAGMA integrity_check").fetchall()) != [("ok",)]:
             problems.append(f"integrity_check: {check}")
-        if fk := q("PRAGMA foreign_key_check").fetchall():
+        if not postgres and (fk := q("PRAGMA foreign_key_check").fetchall()):
             problems.append(f"foreign_key_check: {fk}")
         current = q(
             "SELECT v.version, v.state, s.state FROM model_versions v JOIN steps s ON v.step_id = s.id "
@@ -274,7 +306,7 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
                 problems.append(f"current {version} is {v_state}, its step {s_state}")
         live = (
             "(SELECT b.* FROM batches b LEFT JOIN steps s ON s.batch_id = b.id "
-            "WHERE s.state IS NULL OR s.state NOT IN ('failed', 'discarded', 'rolled_back'))"
+            "WHERE s.state IS NULL OR s.state NOT IN ('failed', 'discarded', 'rolled_back')) AS live"
         )
         for what, query in (
             ("step index", 'SELECT "index", count(*) FROM steps GROUP BY "index" HAVING count(*) > 1'),
@@ -323,7 +355,7 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
     for version, v_state, path, files in versions:
         if v_state == "discarded":
             continue
-        for name, digest in json.loads(files).items():
+        for name, digest in (files if isinstance(files, dict) else json.loads(files)).items():
             file = Path(path) / name
             if not file.is_file():
                 problems.append(f"{version} ({v_state}): {name} is missing")

@@ -25,7 +25,8 @@ def main(argv: list[str]) -> None:
     if "--as-nobody" in argv:
         warm = argv[argv.index("--as-nobody") + 1]
         for args in (["status", "--json"], ["status"]):
-            runner.invoke(app, [*args, "--workspace", warm])
+            warmed = runner.invoke(app, [*args, "--workspace", warm])
+            assert warmed.exit_code == 0, warmed.output
         nobody = pwd.getpwnam("nobody")
         os.setgroups([])
         os.setgid(nobody.pw_gid)

@@ -1,5 +1,7 @@
 """Catalog functions: class ids, steps and their lifecycle, jobs, promotion and rollback, the status
-snapshot, concurrent readers and writers on SQLite, and that none of it imports torch."""
+snapshot, concurrent readers and writers, one daemon per catalog, and that none of it imports torch.
+
+Every test runs on SQLite and on a real PostgreSQL server (see tests/postgres.py)."""
 
 import datetime as dt
 import hashlib
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres import PostgresServer
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,17 +28,28 @@ METRICS = {"miou_all": 0.6, "miou_old": 0.7, "miou_new": 0.5, "hiou": 0.58, "per
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Upgraded once; each test works on its own copy.
     path = tmp_path_factory.mktemp("template") / "catalog.sqlite"
     cat.upgrade_catalog(f"sqlite:///{path}", backup_dir=None)
     return path
 
 
+@pytest.fixture(scope="module")
+def postgres_template(postgres: PostgresServer) -> str:
+    # Upgraded once; each test gets a database copied from it (CREATE DATABASE ... TEMPLATE).
+    url = postgres.new_database()
+    cat.upgrade_catalog(url, backup_dir=None)
+    return url.rpartition("/")[2]
+
+
 @pytest.fixture
-def url(template: Path, tmp_path: Path) -> str:
+def url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "postgresql":
+        postgres: PostgresServer = request.getfixturevalue("postgres")
+        return postgres.new_database(template=request.getfixturevalue("postgres_template"))
     path = tmp_path / "catalog.sqlite"
-    shutil.copy(template, path)
+    shutil.copy(request.getfixturevalue("sqlite_template"), path)
     return f"sqlite:///{path}"
 
 
@@ -607,6 +621,50 @@ def test_a_second_writer_waits_for_the_first_instead_of_failing(url: str) -> Non
         assert sorted(s.scalars(select(Event.message))) == ["first writer", "second writer after 1"]
     first_engine.dispose()
     second_engine.dispose()
+
+
+def test_status_readers_see_each_promotion_whole_while_steps_are_promoted(url: str, tmp_path: Path) -> None:
+    # ciss status runs several queries; each read must see one committed state, never half of a promotion
+    # (a step promoted but its class not yet taught, or the old model still current).
+    writer_engine, reader_engine = cat.make_engine(url), cat.make_engine(url, read_only=True)
+    writers, readers = cat.session_factory(writer_engine), cat.session_factory(reader_engine)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for i in range(30):
+                with cat.transaction(writers) as s:
+                    version = train(s, add_step(s, f"s{i}", {1: f"class{i}"}), tmp_path)
+                with cat.transaction(writers) as s:
+                    cat.promote_version(session=s, version=s.merge(version))
+        except BaseException as exc:  # reported to the test thread below
+            errors.append(exc)
+        done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    reads, problems = 0, []
+    while not done.is_set() or reads == 0:
+        with readers() as r:
+            snap = cat.status_snapshot(session=r)
+        reads += 1
+        promoted_classes = {c for st in snap["steps"] if st["state"] == "promoted" for c in st["classes"]}
+        current = snap["current"]
+        taught = {c["name"] for c in current["classes"]} if current else set()
+        if taught != promoted_classes:
+            problems.append(f"taught {sorted(taught)} but promoted steps teach {sorted(promoted_classes)}")
+        states = {st["index"]: st["state"] for st in snap["steps"]}
+        if current and states.get(current["step"]) != "promoted":
+            problems.append(f"current model of step {current['step']} whose step is not promoted")
+        if sum(snap["counts"].values()) != len(snap["steps"]):
+            problems.append(f"counts {snap['counts']} for {len(snap['steps'])} steps")
+    thread.join(timeout=60)
+    writer_engine.dispose()
+    reader_engine.dispose()
+    assert errors == []
+    assert problems == [], problems[:3]
+    assert reads > 1
 
 
 # --- imports ---------------------------------------------------------------------------------------------

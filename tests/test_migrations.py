@@ -1,5 +1,6 @@
 """Migrations wired to the models: a fresh catalog upgraded to head matches them; unknown revisions are
-refused untouched; older catalogs are backed up before an upgrade; connections get the SQLite pragmas."""
+refused untouched; older catalogs are backed up before an upgrade; connections get the SQLite pragmas.
+A fresh catalog, and populated ones from every earlier revision, are upgraded on SQLite and PostgreSQL."""
 
 import sqlite3
 import subprocess
@@ -13,8 +14,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Connection, create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
 
 import migrations
 from ciss_daemon.catalog import check_catalog, make_engine, upgrade_catalog
@@ -40,10 +42,10 @@ def test_schema_head_constant_is_the_migrations_head() -> None:
     assert ScriptDirectory.from_config(_config("sqlite://")).get_current_head() == SCHEMA_HEAD
 
 
-def test_fresh_catalog_upgraded_to_head_matches_the_models(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
-    assert upgrade_catalog(url, backup_dir=tmp_path / "backups") is None  # nothing to back up in a new file
-    assert _revision(tmp_path / "catalog.sqlite") == [SCHEMA_HEAD]
+def test_fresh_catalog_upgraded_to_head_matches_the_models(tmp_path: Path, new_catalog_url: str) -> None:
+    url = new_catalog_url
+    assert upgrade_catalog(url, backup_dir=tmp_path / "backups") is None  # nothing to back up in a new one
+    assert _url_revision(url) == [SCHEMA_HEAD]
     engine = make_engine(url)
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
@@ -185,14 +187,14 @@ def _revisions() -> list[str]:
     return [s.revision for s in reversed(list(script.walk_revisions()))]
 
 
-def _seed_nothing(db: sqlite3.Connection) -> None:
+def _seed_nothing(db: Connection) -> None:
     """At base the catalog holds no table of ours: "populated" is the version table alone."""
 
 
 _AT = "2026-01-01 00:00:00.000000"
 
 
-def _seed_0001(db: sqlite3.Connection) -> None:
+def _seed_0001(db: Connection) -> None:
     """A promoted step with its batch, class, job, model and events, a held step, a rejection (0001)."""
     rows = {
         "batches": [
@@ -200,26 +202,32 @@ def _seed_0001(db: sqlite3.Connection) -> None:
             (2, "b1", "train", "b" * 64, _AT, "/s/b1", '{"1": "dog"}', '{"1": 2}', 2, 1),
         ],
         "steps": [(1, 0, 1, "promoted", "gate", _AT, _AT), (2, 1, 2, "held", "below the floor", _AT, _AT)],
-        "classes": [(1, "cat", 1, 1, 1, _AT), (2, "dog", 2, 2, 0, _AT)],
+        "classes": [(1, "cat", 1, 1, True, _AT), (2, "dog", 2, 2, False, _AT)],
         "jobs": [
             (1, 1, "done", 1, 3, None, "{}", _AT, _AT, _AT, _AT, None, "/j/1"),
             (2, 2, "done", 2, 3, None, None, _AT, _AT, _AT, _AT, None, "/j/2"),
         ],
         "model_versions": [
-            (1, "v0001", 1, "/m/v0001", '{"model.json": "x"}', "{}", _AT, _AT, 1, "promoted"),
-            (2, "v0002", 2, "/m/v0002", '{"model.json": "y"}', "{}", _AT, None, 0, "candidate"),
+            (1, "v0001", 1, "/m/v0001", '{"model.json": "x"}', "{}", _AT, _AT, True, "promoted"),
+            (2, "v0002", 2, "/m/v0002", '{"model.json": "y"}', "{}", _AT, None, False, "candidate"),
         ],
         "rejections": [(1, "bad", None, '["x: y — z"]', "/r/bad", _AT)],
         "events": [(1, _AT, "info", "promoted", "v0001 promoted", 1), (2, _AT, "warning", "held", "held", 2)],
     }
     for table, values in rows.items():
-        marks = ", ".join("?" * len(values[0]))
-        db.executemany(f'INSERT INTO "{table}" VALUES ({marks})', values)
+        marks = ", ".join(f":c{i}" for i in range(len(values[0])))
+        db.execute(
+            text(f'INSERT INTO "{table}" VALUES ({marks})'),
+            [{f"c{i}": v for i, v in enumerate(row)} for row in values],
+        )
+    if db.dialect.name == "postgresql":  # explicit ids leave the id sequences behind: move them on
+        for table in rows:
+            db.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 100)"))
 
 
 # How to fill a catalog left at each revision before head with rows, in that revision's own schema (raw
 # SQL: the ORM models follow head). A new migration must add a seeder for the revision it upgrades from.
-SEEDERS: dict[str, Callable[[sqlite3.Connection], None]] = {
+SEEDERS: dict[str, Callable[[Connection], None]] = {
     "base": _seed_nothing,
     "0001": _seed_0001,
     "0002": _seed_0001,  # 0002 added an index only
@@ -266,19 +274,32 @@ def _populate(url: str, tag: str = "b") -> dict[str, int]:
         catalog.record_rejection(session=s, batch_name="bad", reasons=["x: y — z"], path="/r/bad")
         catalog.log_event(session=s, kind="promoted", message=f"{version.version} promoted", step=step)
     engine.dispose()
-    return _counts(Path(url.removeprefix("sqlite:///")))
+    return _counts(url)
 
 
-def _counts(path: Path) -> dict[str, int]:
-    with sqlite3.connect(path) as db:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        counts = {t: db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
-    db.close()
+def _counts(url: str) -> dict[str, int]:
+    """Rows per table of the catalog at ``url`` (a SQLite backup's path works too)."""
+    engine = create_engine(url if "://" in url else f"sqlite:///{url}", poolclass=NullPool)
+    with engine.connect() as db:
+        tables = inspect(db).get_table_names()
+        counts = {t: db.execute(text(f'SELECT count(*) FROM "{t}"')).scalar_one() for t in tables}
+    engine.dispose()
     return {t: n for t, n in counts.items() if t != "alembic_version"}
 
 
-def _sound(path: Path) -> None:
-    with sqlite3.connect(path) as db:
+def _url_revision(url: str) -> list[str]:
+    engine = create_engine(url, poolclass=NullPool)
+    with engine.connect() as db:
+        revisions = list(db.execute(text("SELECT version_num FROM alembic_version")).scalars())
+    engine.dispose()
+    return revisions
+
+
+def _sound(url: str) -> None:
+    """SQLite's own checks; PostgreSQL checks foreign keys on every write and has no integrity_check."""
+    if not url.startswith("sqlite"):
+        return
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
     db.close()
@@ -293,31 +314,36 @@ def test_every_revision_before_head_has_a_seeder() -> None:
 
 
 @pytest.mark.parametrize("start", ["base", *_revisions()[:-1]])
-def test_a_populated_catalog_upgrades_from_every_earlier_revision(tmp_path: Path, start: str) -> None:
-    path = tmp_path / "catalog.sqlite"
-    url = f"sqlite:///{path}"
+def test_a_populated_catalog_upgrades_from_every_earlier_revision(
+    tmp_path: Path, start: str, new_catalog_url: str
+) -> None:
+    url = new_catalog_url
     command.upgrade(_config(url), start) if start != "base" else command.stamp(_config(url), "base")
-    with sqlite3.connect(path) as db:
+    engine = create_engine(url, poolclass=NullPool)
+    with engine.begin() as db:
         SEEDERS[start](db)
-    db.close()
-    seeded = _counts(path)
+    engine.dispose()
+    seeded = _counts(url)
     backup = upgrade_catalog(url, backup_dir=tmp_path / "backups")
-    assert backup is not None and _counts(backup) == seeded  # the copy holds the catalog as it was
-    assert _revision(path) == [SCHEMA_HEAD]
-    after = _counts(path)
+    if url.startswith("sqlite"):
+        assert backup is not None and _counts(str(backup)) == seeded  # the copy holds the catalog as it was
+    else:
+        assert backup is None  # a PostgreSQL server's backups are its administrator's (pg_dump)
+    assert _url_revision(url) == [SCHEMA_HEAD]
+    after = _counts(url)
     assert all(after[t] >= n for t, n in seeded.items())  # nothing seeded was lost
     engine = make_engine(url)
     with engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     engine.dispose()
-    _sound(path)
+    _sound(url)
     # The upgraded catalog takes the daemon's writes, and a later start leaves it alone.
     populated = _populate(url, tag="n")
     assert populated["steps"] == after["steps"] + 1
     assert populated["model_versions"] == after["model_versions"] + 1
     assert upgrade_catalog(url, backup_dir=tmp_path / "backups") is None
-    assert _counts(path) == populated
-    _sound(path)
+    assert _counts(url) == populated
+    _sound(url)
 
 
 _BROKEN = '''"""A migration that stops half way through (reliability tests only)."""
@@ -395,12 +421,12 @@ def _use_migrations(monkeypatch: pytest.MonkeyPatch, copy: Path) -> None:
 
 def _unchanged(path: Path, before: dict[str, int]) -> None:
     assert _revision(path) == [SCHEMA_HEAD]
-    assert _counts(path) == before  # no half_done table, every row still there
+    assert _counts(str(path)) == before  # no half_done table, every row still there
     with sqlite3.connect(path) as db:
         assert "extra" not in [r[1] for r in db.execute("PRAGMA table_info(batches)")]
         assert sorted(r[0] for r in db.execute("SELECT name FROM batches")) == ["b-eval", "b0"]
     db.close()
-    _sound(path)
+    _sound(f"sqlite:///{path}")
 
 
 def test_a_migration_failing_midway_leaves_the_catalog_as_it_was(
@@ -416,7 +442,7 @@ def test_a_migration_failing_midway_leaves_the_catalog_as_it_was(
     assert "the migration stopped half way" in str(caught.value)
     assert "left as it was" in str(caught.value)
     [backup] = (tmp_path / "backups").glob("*.sqlite")
-    assert str(backup) in str(caught.value) and _counts(backup) == before
+    assert str(backup) in str(caught.value) and _counts(str(backup)) == before
     _unchanged(path, before)
 
 
@@ -443,7 +469,7 @@ def test_a_migration_killed_midway_leaves_the_catalog_as_it_was(
     process.send_signal(signal.SIGKILL)  # the power goes in the middle of the upgrade
     process.wait(30)
     [backup] = (tmp_path / "backups").glob("*.sqlite")
-    assert _counts(backup) == before
+    assert _counts(str(backup)) == before
     _unchanged(path, before)
     # This ciss (without the broken revision) starts on it as if nothing had happened.
     assert upgrade_catalog(url, backup_dir=tmp_path / "backups") is None

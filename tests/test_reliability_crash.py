@@ -3,7 +3,8 @@
 The slow tests run the real `ciss daemon` on a temporary workspace with a tiny model. Moments that are
 too short to hit by chance (inside a checkpoint write, between the pointer swap and the catalog commit,
 between copying a batch and recording it) are widened by tests/faults: the process pauses there and
-the test kills it with SIGKILL, as a power cut or the OOM killer would. After every kill the workspace
+the test kills it with SIGKILL, as a power cut or the OOM killer would. The kill -9 test runs on both
+catalog backends, SQLite and PostgreSQL. After every kill the workspace
 is checked as the crash left it, then again after a restart's recovery (``Daemon.start``), with
 ``daemon_helpers.integrity_problems``. ``CISS_FAULT_ROUNDS`` raises the number of kills (default: one
 of each kind); ``CISS_FAULT_SEED`` picks other random moments.
@@ -146,7 +147,9 @@ def _faults(kind: str, rng: random.Random, marker: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_leaves_a_sound_workspace_that_finishes_the_work(tmp_path: Path) -> None:
+def test_kill_9_at_random_moments_leaves_a_sound_workspace_that_finishes_the_work(
+    tmp_path: Path, workspace_catalog: str | None
+) -> None:
     rounds = fault_rounds(1) * len(KINDS)
     rng = random.Random(int(os.environ.get("CISS_FAULT_SEED", "7")))
     text = settings_text(
@@ -158,7 +161,7 @@ def test_kill_9_at_random_moments_leaves_a_sound_workspace_that_finishes_the_wor
         train__batch_size=2,
         train__checkpoint_every=CHECKPOINT_EVERY,
     )
-    ws = new_workspace(tmp_path / "ws", text)
+    ws = new_workspace(tmp_path / "ws", text, catalog_url=workspace_catalog)
     submitted: list[str] = []
 
     def submit_next() -> None:

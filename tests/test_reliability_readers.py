@@ -4,7 +4,8 @@ A reader of ``models/current`` resolves the link once and reads every file from 
 (``promotion.resolve_current`` then ``checkpoint.load_model_files``, which checks the weights against the
 hash in model.json), so a promotion between two reads can never mix two models. `ciss status` reads the
 catalog only; in WAL mode it never waits for the daemon, and it works for a user who cannot write the
-workspace, whether the daemon runs or not.
+workspace, whether the daemon runs or not. The status test runs on both catalog backends, SQLite and
+PostgreSQL (tests/postgres.py).
 """
 
 from __future__ import annotations
@@ -126,12 +127,12 @@ def world_readable_root() -> Iterator[Path]:
 
 @pytest.mark.slow
 def test_status_20_times_a_second_as_owner_and_as_a_stranger_never_meets_a_lock(
-    world_readable_root: Path,
+    world_readable_root: Path, workspace_catalog: str | None
 ) -> None:
     text = settings_text(train__epochs_base=4)
-    ws = new_workspace(world_readable_root / "ws", text)
-    warm = new_workspace(world_readable_root / "warm", text)
-    stranger = warm if _nobody_available() else None
+    ws = new_workspace(world_readable_root / "ws", text, catalog_url=workspace_catalog)
+    warm = new_workspace(world_readable_root / "warm", text, catalog_url=workspace_catalog)
+    stranger = warm.root if _nobody_available() else None
     seconds = 6.0 * fault_rounds(1)
     daemon = DaemonProcess(ws)
     try:
@@ -158,6 +159,8 @@ def test_status_20_times_a_second_as_owner_and_as_a_stranger_never_meets_a_lock(
     log = (ws.root / "daemon.log").read_text()
     assert "database is locked" not in log and "Traceback" not in log
     assert not ws.catalog_path.with_name("catalog.sqlite-wal").exists()  # the stopped daemon removed it
+    if workspace_catalog is not None:
+        assert not ws.catalog_path.exists()  # the catalog is the server's, nothing in the workspace
     stopped = [_status_loop(ws.root, 1.5)]
     if stranger is not None:
         stopped.append(_status_loop(ws.root, 1.5, as_nobody=stranger))
