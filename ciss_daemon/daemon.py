@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import catalog, service
+from ciss_daemon import catalog, launch, service
 from ciss_daemon.db import Class, Job, ModelVersion, Step
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.inbox import (
@@ -88,6 +88,7 @@ class Daemon:
         self.scheduler: Any = None
         self.factory: sessionmaker[Session] | None = None
         self.window: Any = None
+        self.launch: launch.Launch | None = None
 
     # --- life cycle -------------------------------------------------------------------------------------
 
@@ -103,6 +104,8 @@ class Daemon:
             raise
 
     def _start_locked(self) -> None:
+        self.launch = launch.plan_launch(self.settings.daemon)
+        log.info("each step trains with %s", self.launch.describe())
         url = self.ws.catalog_url(self.settings)
         backup = catalog.upgrade_catalog(url, backup_dir=self.ws.backups)
         if backup is not None:
@@ -433,7 +436,7 @@ class Daemon:
             # A job whose attempts are spent never comes back to the queue: end_attempt fails its step.
             # Built in the same transaction as start_job: class ids of waiting steps may still move.
             request = build_request(s, step, job, self.settings)
-            process = TrainingProcess.start(Path(job.workdir), request)
+            process = TrainingProcess.start(Path(job.workdir), request, self.launch)
             catalog.start_job(session=s, job=job, pid=process.pid, now=utc(now))
             catalog.log_event(
                 session=s,

@@ -3,6 +3,10 @@
 The child is a separate Python process started with ``subprocess`` (never ``fork``: the daemon has
 threads), so a crash or a CUDA out-of-memory in training never takes the daemon down. It dies with the
 daemon (parent-death signal), and it is stopped with SIGTERM, on which it writes a checkpoint and exits 75.
+
+With several ranks (``ciss_daemon.launch``) the child is ``torch.distributed.run``, in a process group of its
+own with its ranks. It forwards SIGTERM to every rank; the ranks agree to stop, rank 0 checkpoints, and
+writes its exit code to ``exit.json``, since the launcher's own exit code does not carry it.
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ciss_daemon import worker
+from ciss_daemon.launch import Launch, worker_command
 
 
 @dataclass(frozen=True)
@@ -33,28 +37,34 @@ class Outcome:
 class TrainingProcess:
     """One running training child for one job folder."""
 
-    def __init__(self, job_dir: Path, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, job_dir: Path, process: subprocess.Popen[bytes], ranks: int = 1) -> None:
         self.job_dir = job_dir
         self.process = process
+        self.ranks = ranks
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     @classmethod
-    def start(cls, job_dir: Path, request: dict[str, Any]) -> TrainingProcess:
-        """Write ``request.json`` and start the worker; its output goes to ``worker.log`` in the job dir."""
+    def start(cls, job_dir: Path, request: dict[str, Any], launch: Launch | None = None) -> TrainingProcess:
+        """Write ``request.json`` and start the worker(s); output goes to ``worker.log`` in the job dir.
+
+        ``launch`` (default: one process on the request's device) says how many ranks train the step."""
+        launch = launch or Launch(1, request.get("device", "auto"))
+        request = {**request, "device": launch.device, "ranks": launch.ranks}
         job_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (worker.RESULT, worker.ERROR):  # left over from an earlier attempt
+        for stale in (worker.RESULT, worker.ERROR, worker.EXIT):  # left over from an earlier attempt
             (job_dir / stale).unlink(missing_ok=True)
         # A candidate an earlier attempt began or finished but that was never recorded (a crash): this
         # attempt writes it again, and a half-written one must not be moved into models/ as a whole.
         shutil.rmtree(job_dir / worker.CANDIDATE, ignore_errors=True)
         worker.write_json(job_dir / worker.REQUEST, request)
-        env = {**os.environ, "CISS_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        command, extra = worker_command(job_dir, launch)
+        env = {**os.environ, **extra, "CISS_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         with open(job_dir / "worker.log", "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "ciss_daemon.worker", str(job_dir)],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -63,7 +73,7 @@ class TrainingProcess:
                 # stops the child with SIGTERM so that it checkpoints first.
                 start_new_session=True,
             )
-        return cls(job_dir, process)
+        return cls(job_dir, process, launch.ranks)
 
     def progress(self) -> dict[str, Any] | None:
         """The child's last progress report, or None before the first one."""
@@ -74,7 +84,7 @@ class TrainingProcess:
         code = self.process.poll()
         if code is None:
             return None
-        return outcome_of(self.job_dir, code)
+        return outcome_of(self.job_dir, self._code(code))
 
     def stop(self, timeout: float) -> Outcome:
         """Ask the child to checkpoint and exit (SIGTERM); kill it after ``timeout`` seconds."""
@@ -83,9 +93,25 @@ class TrainingProcess:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._kill()
                 self.process.wait()
-        return outcome_of(self.job_dir, self.process.returncode)
+        return outcome_of(self.job_dir, self._code(self.process.returncode))
+
+    def _kill(self) -> None:
+        if self.ranks == 1:
+            self.process.kill()
+            return
+        try:  # the launcher and every rank: a rank left behind would hold its GPU
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _code(self, code: int) -> int:
+        """The worker's exit code: the launcher's exit code of several ranks says only that one failed."""
+        if self.ranks == 1 or code == 0:
+            return code
+        recorded = read_json(self.job_dir / worker.EXIT)
+        return int(recorded["code"]) if recorded and isinstance(recorded.get("code"), int) else code
 
 
 def outcome_of(job_dir: Path, code: int) -> Outcome:
@@ -97,6 +123,9 @@ def outcome_of(job_dir: Path, code: int) -> Outcome:
         return Outcome("done", result=result)
     if code == worker.EXIT_STOPPED:
         return Outcome("stopped", "stopped on request after a checkpoint")
+    if code == worker.EXIT_RANK_LOST:
+        recorded = read_json(job_dir / worker.EXIT) or {}
+        return Outcome("crashed", str(recorded.get("reason") or "a training rank died or stopped answering"))
     error = job_dir / worker.ERROR
     if code == worker.EXIT_FAILED and error.exists():
         return Outcome("failed", error.read_text(encoding="utf-8", errors="replace").strip())

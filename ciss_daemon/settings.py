@@ -22,6 +22,8 @@ from engine.exceptions import ConfigError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# daemon.gpus as stored: "all", a count ("2"), or a JSON list of indices ("[0,1]"); see parse_settings.
+_GPUS = re.compile(r"all|[1-9]\d*|\[\d+(,\d+)*\]")
 GIB = 1024**3
 
 
@@ -59,6 +61,10 @@ class DaemonSettings:
     device: str = "auto"
     stop_timeout_seconds: float = 120.0
     log_level: str = "INFO"
+    # Several processes per step (torch.distributed.run, one per GPU): see ``gpu_request``.
+    gpus: str = "all"
+    cpu_ranks: int = 1
+    rank_timeout_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         _at_least("daemon", "settle_seconds", self.settle_seconds, 0)
@@ -72,6 +78,20 @@ class DaemonSettings:
         _above("daemon", "stop_timeout_seconds", self.stop_timeout_seconds, 0)
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(f"daemon.log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        indices = self.gpus.strip("[]").split(",")
+        if not _GPUS.fullmatch(self.gpus) or len(set(indices)) != len(indices):
+            raise SettingsError(
+                f'daemon.gpus: {self.gpus} is not "all", a count such as 2, or a list of distinct GPU '
+                "indices such as [0, 1]"
+            )
+        _at_least("daemon", "cpu_ranks", self.cpu_ranks, 1)
+        _above("daemon", "rank_timeout_seconds", self.rank_timeout_seconds, 0)
+
+    def gpu_request(self) -> str | int | list[int]:
+        """``daemon.gpus`` as written in ciss.toml: "all", a count, or a list of GPU indices."""
+        if self.gpus == "all":
+            return "all"
+        return json.loads(self.gpus)
 
 
 def _check_cron(section: str, name: str, expression: str) -> None:
@@ -159,6 +179,7 @@ def parse_settings(text: str, *, source: str = "ciss.toml") -> Settings:
     if unknown:
         raise SettingsError(f"{source}: unknown section [{unknown[0]}]; allowed: {', '.join(SECTIONS)}")
     try:
+        _gpus_as_text(data.get("daemon"))
         sections = {
             name: section_from_dict(cls, data.get(name, {}), name) for name, cls in _DAEMON_SECTIONS.items()
         }
@@ -166,6 +187,19 @@ def parse_settings(text: str, *, source: str = "ciss.toml") -> Settings:
     except (SettingsError, ConfigError) as exc:
         raise SettingsError(f"{source}: {exc}") from None
     return Settings(**sections, engine=engine)
+
+
+def _gpus_as_text(daemon: Any) -> None:
+    """``daemon.gpus`` may be "all", a count or a list in TOML; the settings keep one text form of it."""
+    if not isinstance(daemon, dict) or "gpus" not in daemon:
+        return
+    value = daemon["gpus"]
+    if isinstance(value, int) and not isinstance(value, bool):
+        daemon["gpus"] = str(value)
+    elif isinstance(value, list) and value and all(type(i) is int for i in value):
+        daemon["gpus"] = json.dumps(value, separators=(",", ":"))
+    elif not isinstance(value, str) or value != "all":
+        daemon["gpus"] = json.dumps(value)  # refused, with the value as written, by DaemonSettings
 
 
 def load_settings(path: Path) -> Settings:
@@ -196,6 +230,11 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "stop_timeout_seconds": "Seconds a stopping daemon waits for training to checkpoint (keep under "
         "the unit's TimeoutStopSec).",
         "log_level": "One of DEBUG, INFO, WARNING, ERROR, CRITICAL.",
+        "gpus": '"all" GPUs of the box, a count (2) or indices ([0, 1]); more than one trains each step '
+        "under torch.distributed.run, one process per GPU.",
+        "cpu_ranks": "Training processes when the device is the CPU (gloo); 1 = one plain process.",
+        "rank_timeout_seconds": "Seconds the training processes of one step wait for each other before "
+        "the attempt ends (a rank that died or hangs).",
     },
     "gate": {
         "old_miou_budget": "Old-class mIoU (0..1) may fall at most this much below the current model's.",

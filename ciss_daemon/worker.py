@@ -10,27 +10,38 @@ the catalog (the daemon is its only writer); it talks back through files in the 
 
 Exit codes: 0 done; 75 stopped on SIGTERM after writing a checkpoint (resume later); 1 failed (error.txt).
 A crash (killed, segfault) leaves neither result nor error; the daemon retries from the checkpoint.
+
+Under ``torch.distributed.run`` (``ciss_daemon.launch``) every rank runs this module: ``train.batch_size`` is
+the total batch, split evenly over the ranks; the ranks agree at every iteration whether to stop, so that
+all of them stop at the same one and rank 0 writes a single checkpoint; rank 0 alone writes progress,
+result, error and the model, and records its exit code in ``exit.json`` (76: another rank died or did not
+answer within ``daemon.rank_timeout_seconds``; the daemon retries the attempt from the checkpoint).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_STOPPED = 75  # EX_TEMPFAIL: try again later
+EXIT_RANK_LOST = 76  # several ranks: another rank died or hung; retried like a crash
 
 REQUEST = "request.json"
 PROGRESS = "progress.json"
 RESULT = "result.json"
 ERROR = "error.txt"
+EXIT = "exit.json"
 CANDIDATE = "candidate"
 log = logging.getLogger("ciss.worker")
 
@@ -64,16 +75,20 @@ class ProgressWriter:
     write that fails (a full disk) is logged once and training goes on; the next write tries again.
     """
 
-    def __init__(self, path: Path, interval: float = 1.0) -> None:
+    def __init__(self, path: Path, interval: float = 1.0, *, ranks: int = 1, enabled: bool = True) -> None:
         self.path = path
         self.interval = interval
         self.last = 0.0
         self.failing = False
+        self.ranks = ranks  # reported so that `ciss status` shows how many processes train the step
+        self.enabled = enabled  # rank 0 of several reports for the whole job; the others stay silent
 
     def phase(self, phase: str, **fields: Any) -> None:
         self.last = time.monotonic()
+        if not self.enabled:
+            return
         try:
-            write_json(self.path, {"phase": phase, "updated_at": time.time(), **fields})
+            write_json(self.path, {"phase": phase, "updated_at": time.time(), "ranks": self.ranks, **fields})
         except OSError as error:
             if not self.failing:
                 log.warning(
@@ -138,41 +153,77 @@ def run(job_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    parent = int(os.environ.get("CISS_PARENT_PID", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    daemon_gone = _watch_daemon(int(os.environ.get("CISS_PARENT_PID", "0")), launched=world > 1)
     _die_with_parent()
 
-    def should_stop() -> bool:
+    def local_stop() -> bool:
         # A daemon killed with SIGKILL cannot stop its child: the child notices it was re-parented and
         # stops itself after a checkpoint, so a restarted daemon never finds two trainers on one job.
-        return stop["requested"] or (parent != 0 and os.getppid() != parent)
+        return stop["requested"] or daemon_gone()
 
-    progress = ProgressWriter(job_dir / PROGRESS)
+    progress = ProgressWriter(job_dir / PROGRESS, ranks=world, enabled=rank == 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code, reason = EXIT_FAILED, None
     try:
-        from engine.runner import evaluate_model, load_model, resolve_device, run_step
-        from engine.train import new_class_ids
+        data = json.loads((job_dir / REQUEST).read_text(encoding="utf-8"))
+        should_stop = _join_ranks(data, world, local_stop) if world > 1 else local_stop
+        code = _train(job_dir, data, progress, should_stop, write=rank == 0)
+    except KeyboardInterrupt:
+        code = EXIT_STOPPED
+    except Exception as error:  # every failure becomes one line for the catalog
+        if world > 1 and _rank_lost(error):
+            code, reason = EXIT_RANK_LOST, _rank_lost_reason(error, world)
+            print(f"error: {reason}", file=sys.stderr)
+        else:
+            message = _describe(error, torch_module=sys.modules.get("torch"), engine_error=_engine_error())
+            if rank == 0:
+                (job_dir / ERROR).write_text(message + "\n", encoding="utf-8")
+            print(f"error: {message}", file=sys.stderr)
+        import traceback
 
-        request = request_from_json(json.loads((job_dir / REQUEST).read_text(encoding="utf-8")))
-        progress.phase("starting")
-        result = run_step(request, progress=progress, should_stop=should_stop)
-        if not result.finished:
-            progress.phase("stopped")
-            return EXIT_STOPPED
-        current = None
-        if request.teacher_dir is not None:
-            progress.phase("evaluating")
-            device = resolve_device(request.device)
-            teacher, _ = load_model(request.teacher_dir, device)
-            new = new_class_ids(request.step_sizes)
-            current = evaluate_model(
-                teacher,
-                request.eval_batches,
-                num_classes=sum(request.step_sizes),
-                old_classes=list(range(1, new[0])),
-                new_classes=new,
-                device=device,
-            )
-        assert result.metrics is not None
+        traceback.print_exc()  # the full story goes to the job's log file
+        code = code if code == EXIT_RANK_LOST else EXIT_FAILED
+    if world > 1 and rank == 0:
+        write_json(job_dir / EXIT, {"code": code, "reason": reason})
+    return code
+
+
+def _train(
+    job_dir: Path,
+    data: dict[str, Any],
+    progress: ProgressWriter,
+    should_stop: Callable[[], bool],
+    *,
+    write: bool,
+) -> int:
+    """Train, evaluate and (``write``: rank 0) save the step of ``data``; returns the exit code."""
+    from engine.runner import evaluate_model, load_model, resolve_device, run_step
+    from engine.train import new_class_ids
+
+    request = request_from_json(data)
+    progress.phase("starting")
+    result = run_step(request, progress=progress, should_stop=should_stop)
+    if not result.finished:
+        progress.phase("stopped")
+        return EXIT_STOPPED
+    current = None
+    if request.teacher_dir is not None:
+        progress.phase("evaluating")
+        device = resolve_device(request.device)
+        teacher, _ = load_model(request.teacher_dir, device)
+        new = new_class_ids(request.step_sizes)
+        current = evaluate_model(
+            teacher,
+            request.eval_batches,
+            num_classes=sum(request.step_sizes),
+            old_classes=list(range(1, new[0])),
+            new_classes=new,
+            device=device,
+        )
+    assert result.metrics is not None
+    if write:
         write_json(
             job_dir / RESULT,
             {
@@ -184,18 +235,83 @@ def run(job_dir: Path) -> int:
                 "train_images": result.train_images,
             },
         )
-        progress.phase("done")
-        return EXIT_DONE
-    except KeyboardInterrupt:
-        return EXIT_STOPPED
-    except Exception as error:  # every failure becomes one line for the catalog
-        message = _describe(error, torch_module=sys.modules.get("torch"), engine_error=_engine_error())
-        (job_dir / ERROR).write_text(message + "\n", encoding="utf-8")
-        print(f"error: {message}", file=sys.stderr)
-        import traceback
+    progress.phase("done")
+    return EXIT_DONE
 
-        traceback.print_exc()  # the full story goes to the job's log file
-        return EXIT_FAILED
+
+def _watch_daemon(parent: int, *, launched: bool) -> Callable[[], bool]:
+    """Whether the daemon that started this job is gone. Under torch.distributed.run the daemon is the
+    launcher's parent, not ours; a dead launcher counts as a dead daemon."""
+    if parent == 0:
+        return lambda: False
+    if not launched:
+        return lambda: os.getppid() != parent
+    launcher = os.getppid()
+
+    def gone() -> bool:
+        if os.getppid() != launcher:
+            return True
+        try:
+            stat = Path(f"/proc/{launcher}/stat").read_text()
+        except OSError:
+            return True
+        return int(stat.rsplit(")", 1)[1].split()[1]) != parent  # the launcher's parent pid
+
+    return gone
+
+
+def _join_ranks(data: dict[str, Any], world: int, local_stop: Callable[[], bool]) -> Callable[[], bool]:
+    """Join the other ranks: split the batch, pick this rank's device; returns the agreed stop test.
+
+    ``data`` (request.json) is changed in place: per-rank ``train.batch_size`` and ``device``.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from engine.exceptions import ConfigError
+
+    total = int(data["config"]["train"]["batch_size"])
+    if total % world:
+        raise ConfigError(
+            f"train.batch_size: {total} does not split evenly over {world} training processes; "
+            f"use a multiple of {world}"
+        )
+    data["config"]["train"]["batch_size"] = total // world
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = data.get("device") != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+        data["device"] = f"cuda:{local}"
+    else:
+        data["device"] = "cpu"
+    timeout = float(os.environ.get("CISS_RANK_TIMEOUT", "300"))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(seconds=timeout))
+    flag_device = torch.device("cuda", local) if cuda else torch.device("cpu")
+
+    def agreed_stop() -> bool:
+        # Called once per iteration on every rank: a stop seen by any rank stops all of them at the same
+        # iteration, so no rank waits in a collective for one that left.
+        flag = torch.tensor([1.0 if local_stop() else 0.0], device=flag_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    return agreed_stop
+
+
+def _rank_lost(error: Exception) -> bool:
+    """Whether ``error`` is a collective that failed because another rank died or hung."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out")
+    )
+
+
+def _rank_lost_reason(error: Exception, world: int) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[.../pair.cc:545]" source location
+    return f"one of the {world} training processes of this step died or stopped answering ({first[:200]})"
 
 
 def _die_with_parent() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from engine.checkpoint import load_model_files, save_model
@@ -272,14 +273,17 @@ def run_step(
         new_classes=new if request.step_index else [],
         device=device,
     )
-    files = save_trained_model(
-        model,
-        request.output_dir,
-        config=request.config,
-        class_names=request.class_names,
-        step_index=request.step_index,
-        extra={"history": result.history, "metrics": metrics.to_dict()},
-    )
+    files: dict[str, str] = {}
+    # Under torch.distributed every rank holds the same weights; rank 0 alone writes them.
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        files = save_trained_model(
+            model,
+            request.output_dir,
+            config=request.config,
+            class_names=request.class_names,
+            step_index=request.step_index,
+            extra={"history": result.history, "metrics": metrics.to_dict()},
+        )
     return StepResult(
         finished=True, metrics=metrics, files=files, history=result.history, train_images=len(dataset)
     )
