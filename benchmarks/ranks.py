@@ -1,13 +1,16 @@
 """Images/s of one training step on several CPU ranks (gloo, ``torch.distributed.run``) against 1 process.
 
     python benchmarks/ranks.py --out bench-out/ranks [--ranks 2] [--images 32] [--size 64] [--batch 8]
-                               [--epochs 2] [--repeats 2]
+                               [--epochs 2] [--repeats 2] [--threads N]
 
 Starts the daemon's own worker commands (``ciss_daemon.launch.worker_command``: what the daemon runs with
 ``daemon.cpu_ranks`` = 1 and = N) on one generated step-0 batch, with the same total batch, and reads the
 worker's progress reports: images/s is the training rate the worker reports for the whole job (iterations
 since training began, times the total batch), so start-up and evaluation are not counted. The runs
 alternate (1, N, 1, N, ...) so that both see the same machine load. Writes ``results.json`` into ``--out``.
+
+Threads: ``torch.distributed.run`` gives each rank ``OMP_NUM_THREADS=1`` unless it is set, while a single
+process uses every core; ``--threads N`` sets ``OMP_NUM_THREADS`` for all runs alike.
 """
 
 from __future__ import annotations
@@ -64,13 +67,15 @@ def make_request(root: Path, *, images: int, size: int, batch: int, epochs: int)
     }
 
 
-def run_once(root: Path, request: dict[str, Any], ranks: int) -> dict[str, Any]:
+def run_once(root: Path, request: dict[str, Any], ranks: int, threads: int | None) -> dict[str, Any]:
     """One worker run with ``ranks`` processes; the last training report and the wall time."""
     job = Path(tempfile.mkdtemp(prefix=f"job-{ranks}-", dir=root))
     (job / "request.json").write_text(
         json.dumps({**request, "workdir": str(job), "output_dir": str(job / "candidate"), "ranks": ranks})
     )
     command, extra = worker_command(job, Launch(ranks, "cpu"))
+    if threads is not None:
+        extra["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     with open(job / "worker.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **extra})
@@ -103,12 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="the total batch, split over the ranks")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every process")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="ciss-ranks-bench-"))
     try:
         request = make_request(root, images=args.images, size=args.size, batch=args.batch, epochs=args.epochs)
         before = loadavg()
-        runs = [run_once(root, request, ranks) for _ in range(args.repeats) for ranks in (1, args.ranks)]
+        order = [ranks for _ in range(args.repeats) for ranks in (1, args.ranks)]
+        runs = [run_once(root, request, ranks, args.threads) for ranks in order]
         after = loadavg()
         machine = machine_info(root)
     finally:

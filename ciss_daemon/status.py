@@ -91,7 +91,8 @@ def render(data: dict[str, Any], ws: Workspace) -> Group:
                 f"training step {running['step']} ({running['batch']}), attempt {running['attempts']}/"
                 f"{running['max_attempts']}: {p.get('phase', 'starting')}, {bar}, epoch "
                 f"{(p.get('epoch') or 0) + 1}/{p.get('epochs', '?')}, loss "
-                f"{'-' if loss is None else f'{loss:.4f}'}, ETA {duration(running.get('eta_seconds'))}",
+                f"{'-' if loss is None else f'{loss:.4f}'}, ETA {duration(running.get('eta_seconds'))}"
+                + (f", on {p['ranks']} processes" if (p.get("ranks") or 1) > 1 else ""),
                 style="cyan",
             )
         )

@@ -58,6 +58,11 @@ def _progress(ws: Workspace, job: int) -> dict:
         return {}
 
 
+def _status(ws: Workspace, *args: str) -> str:
+    command = [sys.executable, "-m", "ciss_daemon.cli", "status", *args, "--workspace", str(ws.root)]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout
+
+
 def _ranks(ws: Workspace) -> dict[int, int]:
     """RANK -> pid of the workspace's training ranks (the launcher has no RANK)."""
     found = {}
@@ -85,16 +90,9 @@ def test_sigterm_mid_step_stops_every_rank_at_one_checkpoint_and_the_resume_fini
         assert len(_ranks(ws)) == 2
         # One report for the whole job: the total batch's iterations, and the images of both ranks.
         assert progress["ranks"] == 2 and progress["total"] == 12
-        running = json.loads(
-            subprocess.run(
-                [sys.executable, "-m", "ciss_daemon.cli", "status", "--json", "--workspace", str(ws.root)],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=120,
-            ).stdout
-        )["running"]
+        running = json.loads(_status(ws, "--json"))["running"]
         assert running["progress"]["ranks"] == 2 and running["eta_seconds"] is not None
+        assert "on 2 processes" in " ".join(_status(ws).split())  # however rich wraps the line
         assert daemon.stop(signal.SIGTERM) == 0
     finally:
         daemon.stop(signal.SIGKILL)
