@@ -335,8 +335,8 @@ def reproduce(run: Run, console: Console | None = None) -> dict[str, list[Metric
     unknown = [m for m in run.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"methods: {unknown[0]!r} is not one of {', '.join(METHODS)}")
+    data = ProtocolData(run)  # checks the dataset's files before anything is written
     run.out.mkdir(parents=True, exist_ok=True)
-    data = ProtocolData(run)
     results = {method: run_method(run, data, method, console) for method in run.methods}
     summary = {
         "dataset": run.dataset,
@@ -354,6 +354,28 @@ def reproduce(run: Run, console: Console | None = None) -> dict[str, list[Metric
     return results
 
 
+def plan_run(
+    dataset: str,
+    protocol: str,
+    root: Path,
+    out: Path,
+    *,
+    memory: bool = False,
+    setting: str = "overlap",
+    config_path: Path | None = None,
+    eval_crop: int = 512,
+    device: str = "auto",
+) -> Run:
+    """A :class:`Run` from command-line choices: reference settings, ``config_path`` changes, the setting."""
+    if dataset not in ("voc", "ade"):
+        raise ConfigError(f"dataset: {dataset!r} is not one of voc, ade")
+    protocol_steps(dataset, protocol)  # names the allowed protocols when this one is unknown
+    config = load_config(dataset, config_path)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, setting=setting))
+    methods = ("dkd", "dkd_m", "finetune", "joint") if memory else ("dkd", "finetune", "joint")
+    return Run(dataset, protocol, root, out, config, methods, eval_crop, device)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("dataset", choices=("voc", "ade"))
@@ -366,12 +388,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval-crop", type=int, default=512)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    config = load_config(args.dataset, args.config)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, setting=args.setting))
-    methods = ("dkd", "dkd_m", "finetune", "joint") if args.memory else ("dkd", "finetune", "joint")
-    reproduce(
-        Run(args.dataset, args.protocol, args.root, args.out, config, methods, args.eval_crop, args.device)
-    )
+    options = {
+        "memory": args.memory,
+        "setting": args.setting,
+        "eval_crop": args.eval_crop,
+        "device": args.device,
+    }
+    reproduce(plan_run(args.dataset, args.protocol, args.root, args.out, config_path=args.config, **options))
 
 
 if __name__ == "__main__":
