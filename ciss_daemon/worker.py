@@ -199,7 +199,7 @@ def _train(
     write: bool,
 ) -> int:
     """Train, evaluate and (``write``: rank 0) save the step of ``data``; returns the exit code."""
-    from engine.runner import evaluate_model, load_model, resolve_device, run_step
+    from engine.runner import eval_groups, evaluate_model, load_model, resolve_device, run_step
     from engine.train import new_class_ids
 
     request = request_from_json(data)
@@ -216,11 +216,12 @@ def _train(
         new = new_class_ids(request.step_sizes)
         current = evaluate_model(
             teacher,
-            request.eval_batches,
+            eval_groups(request.eval_batches),
             num_classes=sum(request.step_sizes),
             old_classes=list(range(1, new[0])),
             new_classes=new,
             device=device,
+            base_classes=list(range(1, request.step_sizes[0] + 1)),
         )
     assert result.metrics is not None
     if write:
