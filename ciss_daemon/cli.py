@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -90,21 +91,41 @@ def _reader(ws: Any, settings: Any) -> Any:
 @app.command()
 @friendly
 def init(
-    directory: Annotated[Path, typer.Argument(help="Folder to make a workspace in.")] = Path("."),
+    directory: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Folder to make a workspace in (default: --workspace, else the current folder).",
+            show_default=False,
+        ),
+    ] = None,
+    workspace: WorkspaceOption = None,
+    profile: Annotated[
+        str, typer.Option(help="Settings for: auto (gpu when a CUDA device is found), gpu or cpu.")
+    ] = "auto",
 ) -> None:
     """Create a workspace: ciss.toml (commented), inbox/, catalog, store/, models/, jobs/, ...
+
+    On a machine with a GPU, ciss.toml holds the paper's settings (ResNet-101 from ImageNet weights);
+    without one, the CPU settings of `ciss demo`.
 
     Example: ciss init /srv/ciss
     """
     from ciss_daemon import catalog
+    from ciss_daemon.profiles import choose_profile
     from ciss_daemon.settings import load_settings
-    from ciss_daemon.workspace import init_workspace
+    from ciss_daemon.workspace import ENV_VAR, init_workspace
 
-    ws = init_workspace(directory)
+    if directory is not None and workspace is not None and directory.resolve() != workspace.resolve():
+        raise CissError(f"two folders given, {directory} and --workspace {workspace}; give one")
+    chosen = directory or workspace or Path(os.environ.get(ENV_VAR) or ".")
+    settings_profile = choose_profile(profile)
+    ws = init_workspace(chosen, settings_text=settings_profile.settings_text())
     settings = load_settings(ws.settings_path)
     catalog.upgrade_catalog(ws.catalog_url(settings), backup_dir=ws.backups)
-    console.print(f"Workspace ready at {ws.root.resolve()}")
-    console.print(f"  settings: {ws.settings_path}\n  drop batch folders into: {ws.inbox}")
+    console.print(f"Workspace ready at {ws.root}")
+    console.print(f"  settings: {ws.settings_path}")
+    console.print(f"    {settings_profile.description}", highlight=False, soft_wrap=True)
+    console.print(f"  drop batch folders into: {ws.inbox}")
     console.print(f"  start the service: ciss daemon --workspace {ws.root}")
 
 

@@ -38,6 +38,7 @@ from ciss_daemon.inbox import (
 from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan
 from ciss_daemon.operator import apply_requests, promote
 from ciss_daemon.planning import build_request
+from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
 from ciss_daemon.promotion import current_target, fsync_dir, gate, swap_current
 from ciss_daemon.settings import Settings
 from ciss_daemon.validation import Problem, ValidatedBatch, printable, validate_batch
@@ -617,6 +618,9 @@ def holds_files(folder: Path, files: dict[str, str]) -> bool:
 def run_daemon(workspace: Workspace, settings: Settings) -> int:
     """Entry point of ``ciss daemon``."""
     service.setup_logging(settings.daemon.log_level)
+    mismatch = cpu_mismatch(settings, gpu_visible=nvidia_gpu_visible())
+    if mismatch is not None:
+        log.warning("%s", mismatch)
     try:
         return Daemon(workspace, settings).run()
     except CissError as error:

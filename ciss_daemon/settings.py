@@ -246,7 +246,7 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "setting": "overlap or disjoint: which images of a batch a step trains on.",
         "memory_size": "DKD-M exemplar memory, in images; 0 disables it.",
         "seed": "Random seed.",
-        "num_workers": "Data-loading worker processes.",
+        "num_workers": '"auto" (min(8, CPU count) on CUDA, 0 on the CPU) or a number of loader processes.',
         "checkpoint_every": "Iterations between checkpoints (one is also written at each epoch end).",
     },
 }
@@ -263,9 +263,13 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def default_settings_toml() -> str:
-    """The text of a new ``ciss.toml``: every key with its default value and one comment line."""
-    defaults = Settings()
+def default_settings_toml(engine: EngineConfig | None = None, *, profile: str = "") -> str:
+    """The text of a new ``ciss.toml``: every key with its value and one comment line.
+
+    ``engine`` (default: the engine's defaults) fills ``[model]``, ``[loss]`` and ``[train]``; ``profile``
+    is a line saying what they were chosen for, written under the header.
+    """
+    defaults = Settings() if engine is None else Settings(engine=engine)
     instances: dict[str, Any] = {
         "daemon": defaults.daemon,
         "gate": defaults.gate,
@@ -275,9 +279,9 @@ def default_settings_toml() -> str:
         "loss": defaults.engine.loss,
         "train": defaults.engine.train,
     }
-    lines = [
-        "# ciss settings. Every key is shown with its default; `ciss daemon` reads this file at start-up."
-    ]
+    lines = ["# ciss settings. Every key is shown with its value; `ciss daemon` reads this file at start-up."]
+    if profile:
+        lines.append(f"# {profile}")
     for section, instance in instances.items():
         lines += ["", f"[{section}]"]
         for f in dataclasses.fields(instance):

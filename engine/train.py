@@ -293,15 +293,16 @@ def train_step(
     # the middle of an epoch replays exactly the same random numbers as an uninterrupted run.
     loader_generator = torch.Generator().manual_seed(train.seed)
     # One loader for the whole step: the sampler is re-read at every epoch's iter(), and workers persist.
+    workers = train.loader_workers(device.type)
     loader = DataLoader(
         dataset,
         batch_size=train.batch_size,
         sampler=sampler,
-        num_workers=train.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         generator=loader_generator,
         drop_last=False,
-        persistent_workers=train.num_workers > 0,
+        persistent_workers=workers > 0,
     )
 
     def batch_loss(images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
