@@ -53,6 +53,14 @@ def friendly(func: F) -> F:
         except CissError as error:
             typer.echo(f"Error: {error}", err=True)
             raise typer.Exit(code=1) from None
+        except OSError as error:
+            from ciss_daemon.workspace import cannot_write
+
+            translated = cannot_write(error)
+            if translated is None:
+                raise
+            typer.echo(f"Error: {translated}", err=True)
+            raise typer.Exit(code=1) from None
         except Exception as error:
             engine_error = _engine_error_type()
             if engine_error is not None and isinstance(error, engine_error):

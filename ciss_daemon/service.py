@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ciss_daemon.exceptions import DaemonRunningError
+from ciss_daemon.workspace import cannot_write
 
 # syslog priorities journald reads from a "<N>" prefix on each stderr line.
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -76,7 +77,10 @@ class InstanceLock:
 
     def acquire(self, wait: float = 2.0) -> None:
         """Take the lock; ``wait`` covers readers (``ciss status``) that hold it shared for an instant."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise cannot_write(error) or error from None
         deadline = time.monotonic() + wait
         while True:
             try:
