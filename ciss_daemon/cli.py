@@ -84,11 +84,37 @@ def _open(workspace: Path | None) -> tuple[Any, Any]:
     return ws, load_settings(ws.settings_path)
 
 
+def _open_to_read(workspace: Path | None) -> tuple[Any, Any]:
+    """Like ``_open``, for commands that only read the catalog: a ``ciss.toml`` that no longer loads is
+    one warning line, not an error, since a running daemon keeps the settings it started with.
+
+    Settings are then None and the catalog is the workspace's own SQLite file (``[catalog] url`` unknown).
+    """
+    from ciss_daemon.exceptions import SettingsError
+    from ciss_daemon.settings import load_settings
+    from ciss_daemon.workspace import find_workspace
+
+    ws = find_workspace(workspace)
+    try:
+        return ws, load_settings(ws.settings_path)
+    except SettingsError as error:
+        from ciss_daemon import service
+
+        running = (
+            "the running daemon keeps the settings it started with"
+            if service.daemon_alive(ws.lock_path)
+            else "`ciss daemon` will not start"
+        )
+        typer.echo(f"Warning: {error}; {running} until the file is fixed", err=True)
+        return ws, None
+
+
 def _reader(ws: Any, settings: Any) -> Any:
     """A read-only session factory; never upgrades the catalog (the daemon does that)."""
     from ciss_daemon import catalog
+    from ciss_daemon.settings import Settings
 
-    url = ws.catalog_url(settings)
+    url = ws.catalog_url(settings or Settings())
     catalog.check_catalog(url)
     return catalog.session_factory(catalog.make_engine(url, read_only=True))
 
@@ -164,7 +190,7 @@ def submit(
 
     ws, _ = _open(workspace)
     target = submit_folder(folder, ws.inbox)
-    console.print(f"Submitted {folder} as {target}; follow it with `ciss status`")
+    console.print(f"Submitted {folder} as {target}; follow it with `ciss status -w {ws.root}`", markup=False)
 
 
 # --- status, classes --------------------------------------------------------------------------------------
@@ -183,20 +209,21 @@ def status(
     """
     from ciss_daemon import status as status_view
 
-    ws, settings = _open(workspace)
+    ws, settings = _open_to_read(workspace)
     factory = _reader(ws, settings)
     if as_json:
-        print(json.dumps(status_view.snapshot(ws, factory), indent=2))
+        print(json.dumps(status_view.snapshot(ws, factory, settings=settings), indent=2))
         return
     if not watch:
-        console.print(status_view.render(status_view.snapshot(ws, factory), ws))
+        console.print(status_view.render(status_view.snapshot(ws, factory, settings=settings), ws))
         return
     from rich.live import Live
 
     with Live(console=console, auto_refresh=False) as live:
         try:
             while True:
-                live.update(status_view.render(status_view.snapshot(ws, factory), ws), refresh=True)
+                data = status_view.snapshot(ws, factory, settings=settings)
+                live.update(status_view.render(data, ws), refresh=True)
                 time.sleep(1.0)
         except KeyboardInterrupt:
             pass
@@ -214,7 +241,7 @@ def classes(
     """
     from ciss_daemon import status as status_view
 
-    ws, settings = _open(workspace)
+    ws, settings = _open_to_read(workspace)
     rows = status_view.class_rows(_reader(ws, settings))
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -229,7 +256,7 @@ def _operate(workspace: Path | None, action: str, target: str | None) -> None:
     from ciss_daemon.operator import run_action
 
     ws, settings = _open(workspace)
-    console.print(run_action(ws, ws.catalog_url(settings), action, target))
+    console.print(run_action(ws, ws.catalog_url(settings), action, target), markup=False)
 
 
 @app.command()

@@ -37,7 +37,7 @@ from ciss_daemon.inbox import (
 )
 from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan
 from ciss_daemon.operator import apply_requests, promote
-from ciss_daemon.planning import build_request
+from ciss_daemon.planning import build_request, next_opening, training_window
 from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
 from ciss_daemon.promotion import current_target, fsync_dir, gate, swap_current
 from ciss_daemon.settings import Settings
@@ -105,10 +105,7 @@ class Daemon:
         if backup is not None:
             log.info("catalog upgraded; the previous one is saved at %s", backup)
         self.factory = catalog.session_factory(catalog.make_engine(url))
-        if self.settings.daemon.training_window:
-            from apscheduler.triggers.cron import CronTrigger
-
-            self.window = CronTrigger.from_crontab(self.settings.daemon.training_window, timezone=dt.UTC)
+        self.window = training_window(self.settings.daemon.training_window)
         self.recover()
         if self.watch:
             self.watcher = InboxWatcher(self.ws.inbox, on_change=self.wakeup.set)
@@ -443,11 +440,7 @@ class Daemon:
         log.info("step %d: training started (job %d, pid %d)", step.index, job.id, process.pid)
 
     def window_open(self, now: float) -> bool:
-        if self.window is None:
-            return True
-        minute = utc(now).replace(second=0, microsecond=0)
-        fire = self.window.get_next_fire_time(None, minute)
-        return fire is not None and fire <= minute
+        return next_opening(self.window, now) is None
 
     def poll_job(self, now: float) -> None:
         """Copy the child's progress into the catalog; handle its end."""
