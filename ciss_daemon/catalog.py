@@ -681,7 +681,7 @@ def find_version(*, session: Session, version: str) -> ModelVersion:
     """The model version named ``version`` (e.g. ``v0003``)."""
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
     if row is None:
-        raise OperatorError(f"no model version {version!r} in the catalog; `ciss status` lists them")
+        raise OperatorError(f"no model version {version!r} in the catalog; `ciss models` lists them")
     return row
 
 
@@ -717,7 +717,7 @@ def rollback_to(*, session: Session, version: ModelVersion, now: dt.datetime | N
     if version.promoted_at is None or version.step.state != "promoted":
         raise OperatorError(
             f"model {version.version} is not a model that was promoted and is still in the history; "
-            "`ciss status` lists the models you can roll back to"
+            "`ciss models` lists the models you can roll back to"
         )
     if current is None or version.step.index >= current.step.index:
         raise OperatorError(

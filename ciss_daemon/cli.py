@@ -249,6 +249,27 @@ def classes(
     console.print(status_view.class_table(rows))
 
 
+@app.command()
+@friendly
+def models(
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List every model: version, step, state, when, mIoU in both groupings, which one is current and
+    which ones `ciss rollback` accepts.
+
+    Example: ciss models --json
+    """
+    from ciss_daemon import status as status_view
+
+    ws, settings = _open_to_read(workspace)
+    rows = status_view.model_rows(_reader(ws, settings))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    console.print(status_view.model_table(rows))
+
+
 # --- operator ----------------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import catalog, service
-from ciss_daemon.db import Class, Step
+from ciss_daemon.db import Class, ModelVersion, Step
 from ciss_daemon.planning import next_opening, training_window
 from ciss_daemon.settings import Settings
 from ciss_daemon.workspace import Workspace
@@ -210,6 +210,64 @@ def class_table(rows: list[dict[str, Any]]) -> Table:
             "-" if r["step"] is None else f"{r['step']} ({r['step_state']})",
             Text("yes", style="green") if r["taught"] else Text("no", style="dim"),
         )
+    return table
+
+
+def model_rows(factory: sessionmaker[Session]) -> list[dict[str, Any]]:
+    """Every model version, oldest first: step, state, when, mIoU in both groupings, current, rollback.
+
+    ``rollback``: whether ``ciss rollback`` accepts it now (promoted, still in the history, older than
+    the current model). mIoU ``old``/``new`` are the gate's grouping (old = every class before the
+    model's step); ``paper`` the paper's (old = background and the base classes), when it was recorded.
+    """
+    with factory() as s:
+        current = catalog.current_version(session=s)
+        current_index = current.step.index if current is not None else -1
+        rows = []
+        for version, index, step_state in s.execute(
+            select(ModelVersion, Step.index, Step.state)
+            .join(Step, ModelVersion.step_id == Step.id)
+            .order_by(ModelVersion.id)
+        ):
+            m = (version.metrics or {}).get("candidate") or {}
+            paper = m.get("paper") or {}
+            rows.append(
+                {
+                    "version": version.version,
+                    "step": index,
+                    "state": version.state,
+                    "current": version.is_current,
+                    "rollback": not version.is_current
+                    and version.promoted_at is not None
+                    and step_state == "promoted"
+                    and index < current_index,
+                    "created_at": version.created_at.isoformat(),
+                    "promoted_at": version.promoted_at.isoformat() if version.promoted_at else None,
+                    "miou_all": m.get("miou_all"),
+                    "miou_old": m.get("miou_old"),
+                    "miou_new": m.get("miou_new"),
+                    "paper_miou_old": paper.get("miou_old"),
+                    "paper_miou_new": paper.get("miou_new"),
+                }
+            )
+        return rows
+
+
+def model_table(rows: list[dict[str, Any]]) -> Table:
+    """``ciss models``: one row per model version, the current one marked."""
+    table = Table(title=f"models ({len(rows)})", title_justify="left")
+    for column in ("version", "step", "state", "when", "mIoU all", "old", "new", "paper old", "paper new"):
+        table.add_column(column, justify="right" if column[0] in "mopn" else "left")
+    for r in rows:
+        state = r["state"] + (", current" if r["current"] else ", can roll back" if r["rollback"] else "")
+        table.add_row(
+            r["version"],
+            str(r["step"]),
+            Text(state, style="green bold" if r["current"] else ""),
+            _when(r["promoted_at"] or r["created_at"]),
+            *(pct(r[k]) for k in ("miou_all", "miou_old", "miou_new", "paper_miou_old", "paper_miou_new")),
+        )
+    table.caption = "old/new: the gate's grouping (old = classes before the step); paper: old = base classes"
     return table
 
 

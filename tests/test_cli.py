@@ -19,6 +19,7 @@ COMMANDS = [
     "submit",
     "status",
     "classes",
+    "models",
     "promote",
     "discard",
     "rollback",

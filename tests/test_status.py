@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,27 @@ def test_status_survives_a_typo_in_ciss_toml(ws: Workspace) -> None:
         "; the running daemon keeps the settings it started with until the file is fixed"
     )
     assert "class-0" in result.output
+
+
+def test_models_lists_every_version_the_current_one_and_what_can_be_rolled_back_to(ws: Workspace) -> None:
+    add_steps(ws, "promoted", "promoted", "promoted", "held")
+    rows = status_view.model_rows(factory_of(ws))
+    assert [(r["version"], r["step"], r["state"], r["current"], r["rollback"]) for r in rows] == [
+        ("v0001", 0, "retired", False, True),
+        ("v0002", 1, "retired", False, True),
+        ("v0003", 2, "promoted", True, False),
+        ("v0004", 3, "candidate", False, False),
+    ]
+    result = runner.invoke(app, ["models", "--json", "-w", str(ws.root)])
+    assert result.exit_code == 0 and json.loads(result.output) == rows
+    console = Console(record=True, width=200)
+    console.print(status_view.model_table(rows))
+    text = console.export_text()
+    assert "│ v0003   │ 2    │ promoted, current      │" in text
+    assert "│ v0001   │ 0    │ retired, can roll back │" in text
+
+
+def test_rollback_to_an_unknown_version_points_to_ciss_models(ws: Workspace) -> None:
+    add_steps(ws, "promoted")
+    result = runner.invoke(app, ["rollback", "v0009", "-w", str(ws.root)])
+    assert result.output == "Error: no model version 'v0009' in the catalog; `ciss models` lists them\n"
