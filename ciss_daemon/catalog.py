@@ -374,6 +374,14 @@ def live_batch_hashes(*, session: Session) -> set[str]:
     return {sha256 for sha256, state in rows if state not in RELEASED_STATES}
 
 
+def unavailable_class_names(*, session: Session) -> set[str]:
+    """Class names a new training batch may not declare: taught, or pending in an unfinished step."""
+    rows = session.execute(
+        select(Class.name, Class.taught, Step.state).outerjoin(Step, Class.step_id == Step.id)
+    )
+    return {name for name, taught, state in rows if taught or state not in RELEASED_STATES}
+
+
 def record_rejection(
     *,
     session: Session,

@@ -193,6 +193,65 @@ def submit(
     console.print(f"Submitted {folder} as {target}; follow it with `ciss status -w {ws.root}`", markup=False)
 
 
+@app.command()
+@friendly
+def check(
+    folder: Annotated[Path, typer.Argument(help="A batch folder with batch.toml, images/ and masks/.")],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Validate a batch folder without submitting it; print what REJECTED.txt would say, exit 1 if so.
+
+    With a workspace (--workspace, $CISS_WORKSPACE or the current folder) its limits, taught class names
+    and earlier batches are checked too; without one, the folder alone.
+
+    Example: ciss check ./bicycles-2026-11
+    """
+    from ciss_daemon import catalog
+    from ciss_daemon.exceptions import WorkspaceError
+    from ciss_daemon.inbox import rejection_report
+    from ciss_daemon.settings import Settings
+    from ciss_daemon.validation import printable, validate_batch
+
+    settings: Any = Settings()
+    taught: set[str] = set()
+    known: set[str] = set()
+    try:
+        ws, loaded = _open_to_read(workspace)
+    except WorkspaceError:
+        if workspace is not None:
+            raise
+        console.print(
+            "no workspace here: checking the folder alone (not against taught classes)", markup=False
+        )
+    else:
+        settings = loaded or settings
+        with _reader(ws, loaded)() as s:
+            taught = catalog.unavailable_class_names(session=s)
+            known = catalog.live_batch_hashes(session=s)
+    limits = settings.limits
+    result = validate_batch(
+        folder,
+        taught_names=taught,
+        known_hashes=known,
+        max_batch_bytes=limits.max_batch_bytes,
+        max_files=limits.max_files,
+        max_image_pixels=limits.max_image_pixels,
+        max_image_side=limits.max_image_side,
+    )
+    name = printable(Path(os.path.abspath(folder)).name)
+    if result.batch is None:
+        typer.echo(rejection_report(name, result.problems, None), nl=False)
+        raise typer.Exit(code=1)
+    b = result.batch
+    classes = ", ".join(f"{value} = {n}" for value, n in sorted(b.classes.items()))
+    console.print(
+        f"Batch {name!r} would be accepted ({b.kind}): {len(b.train_stems)} images, "
+        f"{len(b.val_stems)} held out; classes {classes}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 # --- status, classes --------------------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import catalog, service
-from ciss_daemon.db import Class, Job, ModelVersion, Step
+from ciss_daemon.db import Job, ModelVersion
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.inbox import (
     SUBMITTED_MARKER,
@@ -230,7 +230,7 @@ class Daemon:
     def ingest(self, folder: Path, now: float) -> None:
         """Validate a complete folder; accept it as a batch (and a step) or reject it with its reasons."""
         with self.session() as s:
-            unavailable = self.unavailable_names(s)
+            unavailable = catalog.unavailable_class_names(session=s)
             known = catalog.live_batch_hashes(session=s)
         limits = self.settings.limits
         result = validate_batch(
@@ -289,13 +289,6 @@ class Daemon:
                 message = f"evaluation batch {batch.name!r} accepted ({len(batch.train_stems)} images)"
             catalog.log_event(session=s, kind="accepted", message=message, step=step, now=utc(now))
         return message
-
-    def unavailable_names(self, s: Session) -> set[str]:
-        """Class names a new training batch may not declare: taught, or pending in an unfinished step."""
-        rows = s.execute(
-            select(Class.name, Class.taught, Step.state).outerjoin(Step, Class.step_id == Step.id)
-        )
-        return {name for name, taught, state in rows if taught or state not in catalog.RELEASED_STATES}
 
     def reject(self, folder: Path, problems: list[Problem], now: float) -> None:
         moved = reject_folder(folder, rejected=self.ws.rejected, problems=problems, now=utc(now))

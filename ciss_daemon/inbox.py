@@ -242,11 +242,17 @@ def reject_folder(folder: Path, *, rejected: Path, problems: Sequence[Problem], 
     return destination
 
 
-def rejection_report(name: str, problems: Sequence[Problem], now: datetime) -> str:
-    """REJECTED.txt's text: when, every problem (file, what is wrong, what to do), and how to resubmit."""
-    when = _as_utc(now).strftime("%Y-%m-%d at %H:%M:%S UTC")
+def rejection_report(name: str, problems: Sequence[Problem], now: datetime | None) -> str:
+    """REJECTED.txt's text: when, every problem (file, what is wrong, what to do), and how to resubmit.
+
+    ``now`` None: what ``ciss check`` prints, the report the batch would get if it were submitted.
+    """
     count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-    lines = [f'Batch "{printable(name)}" was rejected on {when}, because of {count}:', ""]
+    if now is None:
+        verdict = "would be rejected"
+    else:
+        verdict = f"was rejected on {_as_utc(now).strftime('%Y-%m-%d at %H:%M:%S UTC')}"
+    lines = [f'Batch "{printable(name)}" {verdict}, because of {count}:', ""]
     for number, problem in enumerate(problems, start=1):
         lines.append(f"{number}. {problem.file}: {problem.what}")
         lines.append(f"   What to do: {problem.todo}")

@@ -49,6 +49,24 @@ class Problem:
         return f"{self.file}: {self.what} — {self.todo}"
 
 
+def group_problems(problems: list[Problem], *, shown: int = 3) -> list[Problem]:
+    """One problem per kind: the same fault in many files (an undeclared value in 26 masks) is listed once,
+    with its first ``shown`` files and the count, where it first occurred."""
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault((problem.what, problem.todo), []).append(problem)
+    grouped = []
+    for (what, todo), members in groups.items():
+        files = list(dict.fromkeys(p.file for p in members))
+        if len(files) == 1:
+            grouped.append(members[0])
+            continue
+        named = ", ".join(files[:shown])
+        more = f" and {len(files) - shown} more" if len(files) > shown else ""
+        grouped.append(Problem(f"{named}{more} ({len(files)} files)", what, todo))
+    return grouped
+
+
 @dataclass(frozen=True)
 class ValidatedBatch:
     """A batch that passed every check, with what the daemon records about it."""
@@ -219,7 +237,7 @@ def validate_batch(
         )
 
     if problems:
-        return ValidationResult(None, problems)
+        return ValidationResult(None, group_problems(problems))
     all_counts = train.counts + val.counts
     batch = ValidatedBatch(
         name=folder.name,

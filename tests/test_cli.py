@@ -17,6 +17,7 @@ COMMANDS = [
     "init",
     "daemon",
     "submit",
+    "check",
     "status",
     "classes",
     "models",

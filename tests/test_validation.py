@@ -139,11 +139,9 @@ def test_bad_class_names(tmp_path: Path) -> None:
         "the name without them",
         'batch.toml: class name "bicycle" is given to values 1, 2 — a class appears once per batch: give '
         "each value its own name, or relabel to one value",
-        # The masks use 3 (declared with a bad name, so not declared): reported per mask.
-        "masks/0000.png: contains value 3 not declared in batch.toml [classes] — declare it in [classes], or "
-        "set those pixels to 0 (background) or 255 (ignore)",
-        "masks/0001.png: contains value 3 not declared in batch.toml [classes] — declare it in [classes], or "
-        "set those pixels to 0 (background) or 255 (ignore)",
+        # The masks use 3 (declared with a bad name, so not declared): reported once for both masks.
+        "masks/0000.png, masks/0001.png (2 files): contains value 3 not declared in batch.toml [classes] — "
+        "declare it in [classes], or set those pixels to 0 (background) or 255 (ignore)",
     ]
 
 
