@@ -35,7 +35,7 @@ from ciss_daemon.inbox import (
     reject_folder,
     store_folder,
 )
-from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan
+from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan, temp_files
 from ciss_daemon.operator import apply_requests, promote
 from ciss_daemon.planning import build_request, next_opening, training_window
 from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
@@ -79,6 +79,7 @@ class Daemon:
         self.process: TrainingProcess | None = None
         self.process_job_id: int | None = None
         self.last_progress_write = 0.0
+        self.slow_jobs_warned: set[int] = set()
         # After recording a finished job failed (e.g. a full disk): when to try again, and the last error.
         self.outcome_retry_at = 0.0
         self.outcome_error: str | None = None
@@ -175,6 +176,8 @@ class Daemon:
         """Stop the training child (it checkpoints), requeue its job, stop timers and watcher, unlock."""
         if self.process is not None:
             outcome = self.process.stop(self.settings.daemon.stop_timeout_seconds)
+            if outcome.timed_out:
+                log.warning("job %s: %s", self.process_job_id, outcome.reason)
             try:
                 self.handle_outcome(outcome, self.clock(), stopping=True)
             except Exception:
@@ -332,8 +335,7 @@ class Daemon:
         disk. Runs at start-up, after orphan workers are stopped and under the lock: nothing writes them.
         """
         files = [
-            *self.ws.jobs.glob("*/.*.tmp"),
-            *self.ws.jobs.glob(f"*/{CANDIDATE}/.*.tmp"),
+            *(path for job_dir in self.ws.jobs.iterdir() if job_dir.is_dir() for path in temp_files(job_dir)),
             *self.ws.models.glob(".*.tmp"),
             *self.ws.models.glob("*/.*.tmp"),
         ]
@@ -505,8 +507,30 @@ class Daemon:
             if job is None or job.state != "running":
                 return
             catalog.update_job_progress(session=s, job=job, progress=progress, now=utc(now))
+            self.warn_if_stop_would_kill(s, job, progress, now)
             if progress.get("phase") == "evaluating" and job.step.state == "training":
                 catalog.set_step_state(session=s, step=job.step, state="evaluating", now=utc(now))
+
+    def warn_if_stop_would_kill(self, s: Session, job: Job, progress: dict[str, Any], now: float) -> None:
+        """Once per job: say when one iteration outlasts the stop timeout, so a stop would kill training."""
+        rate = progress.get("images_per_second") or 0.0
+        timeout = self.settings.daemon.stop_timeout_seconds
+        if job.id in self.slow_jobs_warned or rate <= 0:
+            return
+        seconds = self.settings.engine.train.batch_size / rate
+        if seconds <= timeout:
+            return
+        self.slow_jobs_warned.add(job.id)
+        message = (
+            f"step {job.step.index}: one iteration takes about {seconds:.0f} s, longer than "
+            f"daemon.stop_timeout_seconds ({timeout:g} s): a stop would kill training and lose the work "
+            "since its last checkpoint; raise the timeout (and the unit's TimeoutStopSec) or train with "
+            "smaller settings"
+        )
+        log.warning("%s", message)
+        catalog.log_event(
+            session=s, kind="slow", level="warning", message=message, step=job.step, now=utc(now)
+        )
 
     def handle_outcome(self, outcome: Outcome, now: float, *, stopping: bool = False) -> None:
         with self.session() as s:

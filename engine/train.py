@@ -192,6 +192,10 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+class _StopRequested(Exception):
+    """``should_stop()`` turned true between two micro-batches of an iteration, before its optimizer step."""
+
+
 def train_step(
     *,
     model: DKDSegmenter,
@@ -330,8 +334,18 @@ def train_step(
     ) -> tuple[Tensor, dict[str, Tensor]]:
         with fast.step_context():
             return accumulate_gradients(
-                images, labels, micro_batch, batch_loss, lambda loss: scaler.scale(loss).backward()
+                images,
+                labels,
+                micro_batch,
+                batch_loss,
+                lambda loss: scaler.scale(loss).backward(),
+                between=stop_between_micro_batches,
             )
+
+    def stop_between_micro_batches() -> None:
+        # A stop need not wait for the rest of a batch that runs in several micro-batches.
+        if should_stop is not None and should_stop():
+            raise _StopRequested
 
     # On CUDA OOM in the first iterations: halve the micro-batch, same effective batch. Single process only
     # (DDP ranks would disagree on their collectives); BatchNorm trains at step 0 and needs 2 images.
@@ -353,9 +367,18 @@ def train_step(
                     finished=False, iterations=iteration, history=history, micro_batch=fallback.micro_batch
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss, terms = fallback.run(
-                images, labels, forward_backward, reset=lambda: optimizer.zero_grad(set_to_none=True)
-            )
+            try:
+                loss, terms = fallback.run(
+                    images, labels, forward_backward, reset=lambda: optimizer.zero_grad(set_to_none=True)
+                )
+            except _StopRequested:
+                # Its optimizer step never ran: the checkpoint holds the last completed iteration's weights
+                # and position (at step 0 BatchNorm statistics have seen part of the abandoned batch).
+                optimizer.zero_grad(set_to_none=True)
+                write_checkpoint()
+                return TrainResult(
+                    finished=False, iterations=iteration, history=history, micro_batch=fallback.micro_batch
+                )
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

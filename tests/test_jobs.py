@@ -1,0 +1,109 @@
+"""Supervision of the training child: a stop that outlasts stop_timeout_seconds, and slow iterations."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from daemon_helpers import FakeClock, in_process_daemon, new_workspace, settings_text
+
+from ciss_daemon import catalog
+from ciss_daemon.db import Job
+from ciss_daemon.jobs import TrainingProcess
+
+# A child that ignores SIGTERM while it writes a checkpoint's temporary file, as a slow iteration would.
+STUBBORN = """
+import signal, sys, time, pathlib
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pathlib.Path(sys.argv[1], ".checkpoint.pt.1234.tmp").write_bytes(b"x" * 1000)
+pathlib.Path(sys.argv[1], "ready").touch()
+time.sleep(60)
+"""
+REASON = (
+    "training did not checkpoint within daemon.stop_timeout_seconds (0.5 s) and was killed "
+    "(raise the timeout above the time of one iteration)"
+)
+
+
+def stubborn_child(job_dir: Path) -> TrainingProcess:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([sys.executable, "-c", STUBBORN, str(job_dir)])
+    deadline = time.monotonic() + 30
+    while not (job_dir / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return TrainingProcess(job_dir, process)
+
+
+def test_a_stop_past_the_timeout_kills_says_so_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    child = stubborn_child(tmp_path / "job")
+    outcome = child.stop(0.5)
+    assert (outcome.kind, outcome.reason, outcome.timed_out) == ("crashed", REASON, True)
+    assert list((tmp_path / "job").glob(".*.tmp")) == []
+
+
+def test_the_daemon_logs_the_timeout_and_puts_it_in_the_steps_note(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ws = new_workspace(tmp_path / "ws", settings_text(daemon__stop_timeout_seconds=0.5))
+    daemon = in_process_daemon(ws, FakeClock())
+    with catalog.transaction(daemon.factory) as s:
+        batch = catalog.record_batch(
+            session=s,
+            name="b",
+            kind="train",
+            sha256=hashlib.sha256(b"b").hexdigest(),
+            store_path=ws.store / "b",
+            class_names={1: "bike"},
+            n_train=2,
+            n_val=0,
+        )
+        step = catalog.create_step(session=s, batch=batch)
+        job = catalog.create_job(session=s, step=step, max_attempts=3, jobs_dir=ws.jobs)
+        catalog.start_job(session=s, job=job, pid=1)
+        job_id, job_dir = job.id, Path(job.workdir)
+    daemon.process, daemon.process_job_id = stubborn_child(job_dir), job_id
+    with caplog.at_level(logging.WARNING, logger="ciss.daemon"):
+        daemon.shutdown()
+    assert f"job {job_id}: {REASON}" in caplog.messages
+    with daemon.factory() as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.step.state, job.step.reason) == ("queued", "queued", REASON)
+        assert job.attempts == 0  # a stop is not a failed attempt
+
+
+def test_an_iteration_longer_than_the_stop_timeout_is_warned_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ws = new_workspace(tmp_path / "ws", settings_text(daemon__stop_timeout_seconds=60.0))
+    daemon = in_process_daemon(ws, FakeClock())
+    try:
+        with catalog.transaction(daemon.factory) as s:
+            batch = catalog.record_batch(
+                session=s,
+                name="b",
+                kind="train",
+                sha256=hashlib.sha256(b"b").hexdigest(),
+                store_path=ws.store / "b",
+                class_names={1: "bike"},
+                n_train=2,
+                n_val=0,
+            )
+            job = catalog.create_job(
+                session=s, step=catalog.create_step(session=s, batch=batch), max_attempts=3, jobs_dir=ws.jobs
+            )
+            catalog.start_job(session=s, job=job, pid=1)
+            with caplog.at_level(logging.WARNING, logger="ciss.daemon"):
+                for _ in range(2):  # batch 4 at 0.04 images/s: 100 s per iteration
+                    daemon.warn_if_stop_would_kill(s, job, {"images_per_second": 0.04}, 0.0)
+    finally:
+        daemon.shutdown()
+    assert caplog.messages == [
+        "step 0: one iteration takes about 100 s, longer than daemon.stop_timeout_seconds (60 s): a stop "
+        "would kill training and lose the work since its last checkpoint; raise the timeout (and the unit's "
+        "TimeoutStopSec) or train with smaller settings"
+    ]
