@@ -336,7 +336,7 @@ def _operate(workspace: Path | None, action: str, target: str | None) -> None:
     from ciss_daemon.operator import run_action
 
     ws, settings = _open(workspace)
-    console.print(run_action(ws, ws.catalog_url(settings), action, target), markup=False)
+    console.print(run_action(ws, ws.catalog_url(settings), action, target), markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -382,6 +382,22 @@ def rollback(
     _operate(workspace, "rollback", version)
 
 
+@app.command()
+@friendly
+def prune(
+    depth: Annotated[
+        int, typer.Option(help="Rollback targets to keep: the newest models `ciss rollback` accepts.")
+    ] = 2,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Remove model folders that are neither current, nor waiting for a decision, nor within the rollback
+    depth; say what was freed. The catalog keeps their metrics. Old checkpoints go by daemon.keep_checkpoints.
+
+    Example: ciss prune --depth 1
+    """
+    _operate(workspace, "prune", str(depth))
+
+
 # --- models: eval, predict, report, export ---------------------------------------------------------------
 
 
@@ -392,7 +408,12 @@ def _model_dir(ws: Any, factory: Any, version: str | None) -> Path:
 
     if version:
         with factory() as s:
-            return Path(catalog.find_version(session=s, version=version).path)
+            path = Path(catalog.find_version(session=s, version=version).path)
+        if not path.is_dir():
+            raise CissError(
+                f"model {version} was pruned (its folder is gone); `ciss models` lists the others"
+            )
+        return path
     current = resolve_current(ws.models)
     if current is None:
         raise CissError(f"no model has been promoted yet in {ws.root}; drop a batch into {ws.inbox} first")

@@ -40,6 +40,7 @@ from ciss_daemon.operator import apply_requests, promote
 from ciss_daemon.planning import build_request, next_opening, training_window
 from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
 from ciss_daemon.promotion import current_target, fsync_dir, gate, swap_current
+from ciss_daemon.retention import prune_checkpoints
 from ciss_daemon.settings import Settings
 from ciss_daemon.validation import Problem, ValidatedBatch, printable, validate_batch
 from ciss_daemon.worker import CANDIDATE
@@ -455,6 +456,7 @@ class Daemon:
             self.outcome_failed(error, now)
             return
         self.process, self.outcome_error, self.outcome_retry_at = None, None, 0.0
+        self.retention_due = True  # a finished job's checkpoint may go now, not within the hour
         service.notify(STATUS="watching the inbox")
 
     def outcome_failed(self, error: Exception, now: float) -> None:
@@ -600,12 +602,11 @@ class Daemon:
         log.warning("step %d: %s held: %s", step.index, version.version, reason)
 
     def retention(self) -> None:
-        """Delete the checkpoints of finished jobs: their model or their failure is recorded."""
+        """Delete checkpoints of finished jobs beyond ``daemon.keep_checkpoints``; log what it freed."""
         with self.session() as s:
-            finished = s.scalars(select(Job.workdir).where(Job.state.in_(("done", "failed", "cancelled"))))
-            for workdir in finished:
-                if workdir:
-                    Path(workdir, "checkpoint.pt").unlink(missing_ok=True)
+            freed = prune_checkpoints(s, keep=self.settings.daemon.keep_checkpoints)
+        if freed.count:
+            log.info("retention: %s", freed.words("checkpoint"))
 
 
 def holds_files(folder: Path, files: dict[str, str]) -> bool:

@@ -1,4 +1,4 @@
-"""Operator actions: ``ciss promote``, ``ciss discard``, ``ciss rollback``.
+"""Operator actions: ``ciss promote``, ``ciss discard``, ``ciss rollback``, ``ciss prune``.
 
 The daemon is the catalog's only writer, so while it runs the CLI hands it a request file in
 ``requests/`` and waits for the answer; when no daemon runs, the CLI takes the daemon's lock (so none can
@@ -28,9 +28,10 @@ from ciss_daemon import catalog, service
 from ciss_daemon.db import ModelVersion, Step
 from ciss_daemon.exceptions import CissError, OperatorError
 from ciss_daemon.promotion import swap_current
+from ciss_daemon.retention import prune
 from ciss_daemon.workspace import Workspace
 
-ACTIONS = ("promote", "discard", "rollback")
+ACTIONS = ("promote", "discard", "rollback", "prune")
 
 
 def _utc(now: float) -> dt.datetime:
@@ -112,6 +113,10 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
             now=_utc(now),
         )
         return f"{version.version} is the current model again; classes no longer taught: {names}"
+    if action == "prune":
+        message = prune(s, target)
+        catalog.log_event(session=s, kind="pruned", message=message, now=_utc(now))
+        return message
     raise OperatorError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
 
 

@@ -58,6 +58,7 @@ class DaemonSettings:
     max_attempts: int = 3
     device: str = "auto"
     stop_timeout_seconds: float = 120.0
+    keep_checkpoints: int = 1
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -70,6 +71,7 @@ class DaemonSettings:
         if not _DEVICE.fullmatch(self.device):
             raise SettingsError(f"daemon.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         _above("daemon", "stop_timeout_seconds", self.stop_timeout_seconds, 0)
+        _at_least("daemon", "keep_checkpoints", self.keep_checkpoints, 0)
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(f"daemon.log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 
@@ -195,6 +197,8 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "device": '"auto" (CUDA when present), "cpu", "cuda" or "cuda:N".',
         "stop_timeout_seconds": "Seconds a stopping daemon waits for training to checkpoint (keep under "
         "the unit's TimeoutStopSec).",
+        "keep_checkpoints": "Checkpoints of finished jobs kept, newest first (running, queued and held "
+        "jobs keep theirs); `ciss prune` removes old models.",
         "log_level": "One of DEBUG, INFO, WARNING, ERROR, CRITICAL.",
     },
     "gate": {

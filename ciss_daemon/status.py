@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Group
@@ -231,13 +232,16 @@ def model_rows(factory: sessionmaker[Session]) -> list[dict[str, Any]]:
         ):
             m = (version.metrics or {}).get("candidate") or {}
             paper = m.get("paper") or {}
+            pruned = not Path(version.path).is_dir()
             rows.append(
                 {
                     "version": version.version,
                     "step": index,
                     "state": version.state,
                     "current": version.is_current,
+                    "pruned": pruned,
                     "rollback": not version.is_current
+                    and not pruned
                     and version.promoted_at is not None
                     and step_state == "promoted"
                     and index < current_index,
@@ -259,7 +263,15 @@ def model_table(rows: list[dict[str, Any]]) -> Table:
     for column in ("version", "step", "state", "when", "mIoU all", "old", "new", "paper old", "paper new"):
         table.add_column(column, justify="right" if column[0] in "mopn" else "left")
     for r in rows:
-        state = r["state"] + (", current" if r["current"] else ", can roll back" if r["rollback"] else "")
+        state = r["state"] + (
+            ", current"
+            if r["current"]
+            else ", can roll back"
+            if r["rollback"]
+            else ", pruned"
+            if r["pruned"]
+            else ""
+        )
         table.add_row(
             r["version"],
             str(r["step"]),

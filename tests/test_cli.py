@@ -24,6 +24,7 @@ COMMANDS = [
     "promote",
     "discard",
     "rollback",
+    "prune",
     "eval",
     "predict",
     "report",
