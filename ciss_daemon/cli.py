@@ -424,22 +424,41 @@ def _model_dir(ws: Any, factory: Any, version: str | None) -> Path:
 @friendly
 def eval_(
     version: Annotated[str | None, typer.Option("--model", help="Model version; default: current.")] = None,
+    folder: Annotated[
+        Path | None,
+        typer.Option("--folder", help="A batch folder to evaluate on instead of the steps' held-out sets."),
+    ] = None,
     workspace: WorkspaceOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
-    """Evaluate a model on the held-out images of every step and every evaluation batch.
+    """Evaluate a model on the held-out images of every step and every evaluation batch, or on one folder.
 
     Example: ciss eval --model v0002
     """
+    from rich.status import Status
+
     from ciss_daemon import status as status_view
     from ciss_daemon.planning import evaluate_version
 
     ws, settings = _open(workspace)
     factory = _reader(ws, settings)
-    metrics, names = evaluate_version(factory, _model_dir(ws, factory, version), settings)
+    with Status("loading the model", console=Console(stderr=True)) as spinner:
+        metrics, names, scope = evaluate_version(
+            factory,
+            _model_dir(ws, factory, version),
+            settings,
+            folder=folder,
+            starting=lambda words: spinner.update(words),
+        )
     if as_json:
-        print(json.dumps(metrics.to_dict(), indent=2))
+        print(json.dumps({**scope, **metrics.to_dict()}, indent=2))
         return
+    console.print(
+        f"{scope['model']} on {scope['images']} images: "
+        + ", ".join(f"{name} ({n})" for name, n in scope["sets"].items()),
+        markup=False,
+        highlight=False,
+    )
     console.print(status_view.metrics_table(metrics, names))
 
 

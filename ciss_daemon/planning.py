@@ -8,6 +8,7 @@ module level.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import catalog
 from ciss_daemon.db import Batch, Job, Step
+from ciss_daemon.exceptions import CissError
 from ciss_daemon.settings import Settings
 from ciss_daemon.worker import CANDIDATE
 
@@ -102,23 +104,49 @@ def next_opening(window: Any, now: float) -> dt.datetime | None:
     return fire or dt.datetime.max.replace(tzinfo=dt.UTC)
 
 
-def evaluate_version(factory: sessionmaker[Session], model_dir: Path, settings: Settings) -> tuple[Any, dict]:
-    """``ciss eval``: metrics of the model in ``model_dir`` on every held-out set of its classes' steps.
+def evaluate_version(
+    factory: sessionmaker[Session],
+    model_dir: Path,
+    settings: Settings,
+    *,
+    folder: Path | None = None,
+    starting: Callable[[str], None] | None = None,
+) -> tuple[Any, dict, dict[str, Any]]:
+    """``ciss eval``: metrics of the model in ``model_dir`` on every held-out set of its classes' steps, or
+    on the batch ``folder``; also what was evaluated (model, images, sets), said first to ``starting``.
 
     Old classes are those of every step before the model's last one, new classes those of its last step.
     """
+    from engine.data import list_pairs, read_manifest
     from engine.runner import BatchRef, evaluate_model, load_model, resolve_device
 
     device = resolve_device(settings.daemon.device)
     model, meta = load_model(model_dir, device)
     names = {c["id"]: c["name"] for c in meta["classes"]}
     last_step = max(c["step"] for c in meta["classes"])
-    with factory() as s:
-        refs = eval_refs(s, steps_teaching(s, list(names.values())), {n: i for i, n in names.items()})
-    batches = [
-        BatchRef(r["name"], Path(r["folder"]), {int(k): v for k, v in r["value_map"].items()}, r["kind"])
-        for r in refs
-    ]
+    if folder is None:
+        with factory() as s:
+            refs = eval_refs(s, steps_teaching(s, list(names.values())), {n: i for i, n in names.items()})
+        batches = [
+            BatchRef(r["name"], Path(r["folder"]), {int(k): v for k, v in r["value_map"].items()}, r["kind"])
+            for r in refs
+        ]
+    else:
+        manifest = read_manifest(folder)
+        ids = {n: i for i, n in names.items()}
+        # Values of classes the model does not know are left out of the map, so they are ignored.
+        value_map = {v: ids[n] for v, n in manifest.classes.items() if n in ids}
+        batches = [BatchRef(manifest.name, Path(folder), value_map, manifest.kind)]
+    counts = {b.name: len(list_pairs(b.folder, "train" if b.kind == "eval" else "val")) for b in batches}
+    scope = {"model": model_dir.name, "images": sum(counts.values()), "sets": counts}
+    if not scope["images"]:
+        where = f"batch {folder}" if folder is not None else "the steps of this model"
+        raise CissError(
+            f"no held-out images in {where}: a training batch is evaluated on its val/ folder; add one, "
+            'or mark a fully labelled folder kind = "eval" in batch.toml'
+        )
+    if starting is not None:
+        starting(f"evaluating {scope['model']} on {scope['images']} images of {len(counts)} sets")
     new = [c["id"] for c in meta["classes"] if c["step"] == last_step]
     old = [c["id"] for c in meta["classes"] if c["step"] != last_step] or new
     metrics = evaluate_model(
@@ -129,7 +157,7 @@ def evaluate_version(factory: sessionmaker[Session], model_dir: Path, settings: 
         new_classes=new if last_step > 0 else [],
         device=device,
     )
-    return metrics, names
+    return metrics, names, scope
 
 
 def steps_teaching(s: Session, names: list[str]) -> list[Step]:
