@@ -478,11 +478,18 @@ def predict(
     from rich.progress import Progress
 
     from ciss_daemon.visualize import expand_inputs, predict_images
+    from engine.exceptions import ConfigError
+    from engine.runner import resolve_device
 
     ws, settings = _open(workspace)
     model_dir = _model_dir(ws, _reader(ws, settings), version)
+    try:
+        resolve_device(device)
+    except ConfigError:
+        raise CissError(f"--device {device}: no CUDA device is visible; use --device auto or cpu") from None
     files = expand_inputs(images)
-    with Progress(console=console, transient=True) as bar:
+    errors = Console(stderr=True)
+    with Progress(console=errors, transient=True, disable=not errors.is_terminal) as bar:
         task = bar.add_task("predicting", total=len(files))
         results = predict_images(
             model_dir,
@@ -493,8 +500,14 @@ def predict(
         )
     failed = [r for r in results if not r.ok]
     for r in failed:
-        typer.echo(f"skipped {r.image}: {r.error}", err=True)
-    console.print(f"{len(results) - len(failed)} of {len(results)} images predicted into {out}")
+        typer.echo(f"skipped {r.error}", err=True)  # the error names the file
+    for r in results:
+        if r.labels is not None and r.labels.name != f"{r.image.stem}.labels.png":
+            stem = r.labels.name.removesuffix(".labels.png")
+            typer.echo(f"{r.image} is written as {stem}.*: another input is also named {r.image.stem}")
+    done = len(results) - len(failed)
+    where = f"into {out}" if done else "(nothing written)"
+    console.print(f"{done} of {len(results)} images predicted {where}", markup=False, soft_wrap=True)
     if failed:
         raise typer.Exit(code=1)
 

@@ -230,13 +230,30 @@ def predict_images(
     class_names = {int(c["id"]): str(c["name"]) for c in meta["classes"]}
     colours = palette(model.num_classes)
     label_dtype = np.uint8 if model.num_classes <= 255 else np.uint16
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PredictError(
             f"cannot create the output folder {out_dir}: {exc.strerror}; choose another"
         ) from None
+    try:
+        return _predict_all(model, images, out_dir, class_names, colours, label_dtype, progress, max_size)
+    finally:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # nothing was predicted: leave no empty folder behind
 
+
+def _predict_all(
+    model: DKDSegmenter,
+    images: Sequence[Path],
+    out_dir: Path,
+    class_names: dict[int, str],
+    colours: np.ndarray,
+    label_dtype: type,
+    progress: Callable[[int, int], None] | None,
+    max_size: int | None,
+) -> list[PredictionFiles]:
     results = []
     for done, (path, stem) in enumerate(zip(images, _unique_stems(images), strict=True), start=1):
         try:
