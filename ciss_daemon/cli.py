@@ -537,19 +537,26 @@ def report(
 @friendly
 def export(
     out: Annotated[Path, typer.Argument(help="File to write, e.g. model.onnx or model.pt.")],
-    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="onnx or torchscript; default: from the extension (.onnx, .pt).",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[str | None, typer.Option("--model", help="Model version; default: current.")] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Export a model as a file another program loads without ciss (class names and palette inside).
 
-    Example: ciss export model.onnx --format onnx
+    Example: ciss export model.onnx
     """
     from ciss_daemon.export import export_model
 
     ws, settings = _open(workspace)
     path = export_model(_model_dir(ws, _reader(ws, settings), version), out, fmt)
-    console.print(f"Exported to {path}")
+    console.print(f"Exported to {path}", markup=False, soft_wrap=True)
 
 
 # --- demo ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from engine.model import DKDSegmenter, upsample
 from engine.runner import load_model
 
 FORMATS = ("torchscript", "onnx")
+# File name endings that say the format.
+SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".torchscript": "torchscript"}
 METADATA_KEY = "ciss.json"
 ONNX_OPSET = 17
 EXPORT_FORMAT_VERSION = 1
@@ -77,15 +79,35 @@ def export_metadata(meta: dict[str, Any], num_classes: int) -> dict[str, Any]:
     }
 
 
-def export_model(model_dir: Path, out: Path, fmt: str) -> Path:
-    """Write the model in ``model_dir`` to ``out`` as ``fmt`` ("torchscript" or "onnx"); returns ``out``.
+def export_format(out: Path, fmt: str | None) -> str:
+    """The format to write ``out`` in: ``fmt`` when given, else the one its extension names; a given
+    format that contradicts the extension is refused (an ONNX graph in a ``.pt`` file misleads its reader).
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
+    named = SUFFIXES.get(out.suffix.lower())
+    if fmt is None and named is None:
+        raise ExportError(
+            f"cannot tell the format from the name {out.name}; end it in .onnx or .pt, or pass --format"
+        )
+    if fmt is not None and named is not None and fmt != named:
+        wanted = next(suffix for suffix, f in SUFFIXES.items() if f == fmt)
+        raise ExportError(
+            f"{out.name} names a {named} file but --format is {fmt}; name it {out.stem}{wanted} "
+            "or leave --format out"
+        )
+    return fmt or named  # type: ignore[return-value]
+
+
+def export_model(model_dir: Path, out: Path, fmt: str | None = None) -> Path:
+    """Write the model in ``model_dir`` to ``out`` as ``fmt`` ("torchscript" or "onnx"; default: what the
+    extension of ``out`` says); returns ``out``.
 
     ``model_dir`` must be a resolved model folder (``promotion.resolve_current``). The file appears whole or
     not at all: it is written beside ``out`` and renamed into place.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
     out = Path(out)
+    fmt = export_format(out, fmt)
     if not out.parent.is_dir():
         raise ExportError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
     model, meta = load_model(Path(model_dir), "cpu")
