@@ -40,7 +40,7 @@ from ciss_daemon.operator import apply_requests, promote
 from ciss_daemon.planning import build_request, next_opening, training_window
 from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
 from ciss_daemon.promotion import current_target, fsync_dir, gate, swap_current
-from ciss_daemon.retention import prune_checkpoints
+from ciss_daemon.retention import CHECKPOINT, prune_checkpoints
 from ciss_daemon.settings import Settings
 from ciss_daemon.validation import Problem, ValidatedBatch, printable, validate_batch
 from ciss_daemon.worker import CANDIDATE
@@ -81,6 +81,7 @@ class Daemon:
         self.process_job_id: int | None = None
         self.last_progress_write = 0.0
         self.slow_jobs_warned: set[int] = set()
+        self.resume_logged: tuple[int, int] | None = None  # (job id, attempt) whose resume was logged
         # After recording a finished job failed (e.g. a full disk): when to try again, and the last error.
         self.outcome_retry_at = 0.0
         self.outcome_error: str | None = None
@@ -422,18 +423,20 @@ class Daemon:
             # A job whose attempts are spent never comes back to the queue: end_attempt fails its step.
             # Built in the same transaction as start_job: class ids of waiting steps may still move.
             request = build_request(s, step, job, self.settings)
+            # A checkpoint means a resume; the worker's first progress report says at which iteration.
+            verb = "resumes from its checkpoint" if Path(job.workdir, CHECKPOINT).exists() else "started"
             process = TrainingProcess.start(Path(job.workdir), request)
             catalog.start_job(session=s, job=job, pid=process.pid, now=utc(now))
             catalog.log_event(
                 session=s,
                 kind="training",
-                message=f"step {step.index} training started (attempt {job.attempts} of {job.max_attempts})",
+                message=f"step {step.index} training {verb} (attempt {job.attempts} of {job.max_attempts})",
                 step=step,
                 now=utc(now),
             )
         self.process, self.process_job_id = process, job.id
         service.notify(STATUS=f"training step {step.index}")
-        log.info("step %d: training started (job %d, pid %d)", step.index, job.id, process.pid)
+        log.info("step %d: training %s (job %d, pid %d)", step.index, verb, job.id, process.pid)
 
     def window_open(self, now: float) -> bool:
         return next_opening(self.window, now) is None
@@ -510,6 +513,12 @@ class Daemon:
                 return
             catalog.update_job_progress(session=s, job=job, progress=progress, now=utc(now))
             self.warn_if_stop_would_kill(s, job, progress, now)
+            resumed = progress.get("resumed_at")
+            if resumed and self.resume_logged != (job.id, job.attempts):
+                self.resume_logged = (job.id, job.attempts)
+                message = f"step {job.step.index} training resumed at iteration {resumed}"
+                log.info("%s", message)
+                catalog.log_event(session=s, kind="training", message=message, step=job.step, now=utc(now))
             if progress.get("phase") == "evaluating" and job.step.state == "training":
                 catalog.set_step_state(session=s, step=job.step, state="evaluating", now=utc(now))
 
@@ -628,7 +637,7 @@ def holds_files(folder: Path, files: dict[str, str]) -> bool:
 
 def run_daemon(workspace: Workspace, settings: Settings) -> int:
     """Entry point of ``ciss daemon``."""
-    service.setup_logging(settings.daemon.log_level)
+    service.setup_logging(settings.daemon.log_level, workspace.log_path)
     mismatch = cpu_mismatch(settings, gpu_visible=nvidia_gpu_visible())
     if mismatch is not None:
         log.warning("%s", mismatch)

@@ -72,6 +72,11 @@ class Workspace:
         return self.root / "requests"
 
     @property
+    def log_path(self) -> Path:
+        """The daemon's log when it runs outside systemd (journald keeps it otherwise)."""
+        return self.root / "daemon.log"
+
+    @property
     def lock_path(self) -> Path:
         return self.root / "daemon.lock"
 

@@ -107,3 +107,84 @@ def test_an_iteration_longer_than_the_stop_timeout_is_warned_once(
         "would kill training and lose the work since its last checkpoint; raise the timeout (and the unit's "
         "TimeoutStopSec) or train with smaller settings"
     ]
+
+
+def test_a_resumed_attempt_is_logged_with_its_iteration(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from ciss_daemon.worker import PROGRESS, ProgressWriter
+
+    ws = new_workspace(tmp_path / "ws", settings_text())
+    daemon = in_process_daemon(ws, FakeClock())
+    try:
+        with catalog.transaction(daemon.factory) as s:
+            batch = catalog.record_batch(
+                session=s,
+                name="b",
+                kind="train",
+                sha256=hashlib.sha256(b"b").hexdigest(),
+                store_path=ws.store / "b",
+                class_names={1: "bike"},
+                n_train=2,
+                n_val=0,
+            )
+            job = catalog.create_job(
+                session=s, step=catalog.create_step(session=s, batch=batch), max_attempts=3, jobs_dir=ws.jobs
+            )
+            catalog.start_job(session=s, job=job, pid=1)
+            job_id, job_dir = job.id, Path(job.workdir)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        writer = ProgressWriter(job_dir / PROGRESS)
+        for iteration in (6, 7):  # the checkpoint held 5 iterations
+            writer(
+                SimpleNamespace(
+                    iteration=iteration,
+                    total_iterations=20,
+                    epoch=1,
+                    epochs=4,
+                    losses={"total": 1.0},
+                    lr=0.1,
+                    images_per_second=50.0,
+                    eta_seconds=3.0,
+                )
+            )
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        daemon.process, daemon.process_job_id = TrainingProcess(job_dir, sleeper), job_id
+        with caplog.at_level(logging.INFO, logger="ciss.daemon"):
+            daemon.record_progress(100.0)
+            daemon.record_progress(200.0)
+    finally:
+        daemon.shutdown()
+    assert [m for m in caplog.messages if "resumed" in m] == ["step 0 training resumed at iteration 5"]
+
+
+def test_the_daemon_writes_a_log_file_in_the_workspace_unless_under_systemd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ciss_daemon.daemon import run_daemon
+    from ciss_daemon.service import InstanceLock
+    from ciss_daemon.settings import load_settings
+
+    ws = new_workspace(tmp_path / "ws", settings_text())
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    lock = InstanceLock(ws.lock_path)
+    lock.acquire()  # the daemon stops at once with an error line
+    try:
+        monkeypatch.delenv("INVOCATION_ID", raising=False)
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+        assert run_daemon(ws, load_settings(ws.settings_path)) == 1
+        logged = ws.log_path.read_text(encoding="utf-8")
+        assert "ERROR ciss.daemon: a ciss daemon (pid" in logged
+        ws.log_path.unlink()
+        monkeypatch.setenv("INVOCATION_ID", "0123")
+        assert run_daemon(ws, load_settings(ws.settings_path)) == 1
+        assert not ws.log_path.exists()  # journald keeps the log
+    finally:
+        lock.release()
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
