@@ -477,12 +477,14 @@ def predict(
     """
     from rich.progress import Progress
 
+    from ciss_daemon.planning import class_colours
     from ciss_daemon.visualize import expand_inputs, predict_images
     from engine.exceptions import ConfigError
     from engine.runner import resolve_device
 
     ws, settings = _open(workspace)
-    model_dir = _model_dir(ws, _reader(ws, settings), version)
+    factory = _reader(ws, settings)
+    model_dir = _model_dir(ws, factory, version)
     try:
         resolve_device(device)
     except ConfigError:
@@ -497,6 +499,7 @@ def predict(
             out,
             device=device,
             progress=lambda done, total: bar.update(task, completed=done),
+            class_colours=class_colours(factory),
         )
     failed = [r for r in results if not r.ok]
     for r in failed:
@@ -525,12 +528,16 @@ def report(
 
     Example: ciss report --out report/
     """
+    from rich.status import Status
+
     from ciss_daemon.planning import report_data
     from ciss_daemon.report import build_report
 
     ws, settings = _open(workspace)
-    page = build_report(report_data(ws, _reader(ws, settings), samples=samples), out)
-    console.print(f"Report written to {page}")
+    with Status("predicting the sample images", console=Console(stderr=True)) as spinner:
+        data = report_data(ws, _reader(ws, settings), samples=samples)
+        page = build_report(data, out, progress=spinner.update)
+    console.print(f"Report written to {page}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -553,9 +560,11 @@ def export(
     Example: ciss export model.onnx
     """
     from ciss_daemon.export import export_model
+    from ciss_daemon.planning import class_colours
 
     ws, settings = _open(workspace)
-    path = export_model(_model_dir(ws, _reader(ws, settings), version), out, fmt)
+    factory = _reader(ws, settings)
+    path = export_model(_model_dir(ws, factory, version), out, fmt, colours=class_colours(factory))
     console.print(f"Exported to {path}", markup=False, soft_wrap=True)
 
 

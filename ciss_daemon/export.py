@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.visualize import palette
+from ciss_daemon.visualize import class_palette
 from engine.data import IMAGENET_MEAN, IMAGENET_STD
 from engine.evaluate import predict_labels
 from engine.model import DKDSegmenter, upsample
@@ -55,15 +55,18 @@ class ExportedSegmenter(nn.Module):
         return predict_labels(logits), torch.sigmoid(logits[:, 1:])
 
 
-def export_metadata(meta: dict[str, Any], num_classes: int) -> dict[str, Any]:
+def export_metadata(
+    meta: dict[str, Any], num_classes: int, colours: dict[str, tuple[int, int, int]] | None = None
+) -> dict[str, Any]:
     """The JSON document stored in the exported file: what a consumer needs to feed it and read it."""
     names = {int(c["id"]): str(c["name"]) for c in meta["classes"]}
+    table = class_palette({**dict.fromkeys(range(1, num_classes + 1), ""), **names}, colours)
     return {
         "format": "ciss-segmenter",
         "format_version": EXPORT_FORMAT_VERSION,
         "step_index": meta.get("step_index"),
         "classes": [{"id": 0, "name": "background"}, *({"id": k, "name": names[k]} for k in sorted(names))],
-        "palette": palette(num_classes).tolist(),  # row k: RGB colour of class k
+        "palette": table.tolist(),  # row k: RGB colour of class k
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "input": {
@@ -99,7 +102,13 @@ def export_format(out: Path, fmt: str | None) -> str:
     return fmt or named  # type: ignore[return-value]
 
 
-def export_model(model_dir: Path, out: Path, fmt: str | None = None) -> Path:
+def export_model(
+    model_dir: Path,
+    out: Path,
+    fmt: str | None = None,
+    *,
+    colours: dict[str, tuple[int, int, int]] | None = None,
+) -> Path:
     """Write the model in ``model_dir`` to ``out`` as ``fmt`` ("torchscript" or "onnx"; default: what the
     extension of ``out`` says); returns ``out``.
 
@@ -112,7 +121,7 @@ def export_model(model_dir: Path, out: Path, fmt: str | None = None) -> Path:
         raise ExportError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
     model, meta = load_model(Path(model_dir), "cpu")
     wrapper = ExportedSegmenter(model).eval()
-    document = json.dumps(export_metadata(meta, model.num_classes), indent=2)
+    document = json.dumps(export_metadata(meta, model.num_classes, colours), indent=2)
     example = torch.randn(1, 3, _TRACE_SIZE, _TRACE_SIZE)
     partial = out.with_name(f".{out.name}.partial")
     try:

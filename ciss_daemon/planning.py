@@ -160,6 +160,19 @@ def evaluate_version(
     return metrics, names, scope
 
 
+def class_colours(factory: sessionmaker[Session]) -> dict[str, tuple[int, int, int]]:
+    """Class name -> RGB from the [colors] tables of the stored batches (the first batch naming a class)."""
+    from ciss_daemon.validation import manifest_colours
+
+    with factory() as s:
+        folders = [Path(p) for p in s.scalars(select(Batch.store_path).order_by(Batch.id))]
+    colours: dict[str, tuple[int, int, int]] = {}
+    for folder in folders:
+        for name, rgb in manifest_colours(folder).items():
+            colours.setdefault(name, rgb)
+    return colours
+
+
 def steps_teaching(s: Session, names: list[str]) -> list[Step]:
     """The steps whose batches declare any of ``names``, in order: a model's history, found by its classes."""
     wanted = set(names)
@@ -177,7 +190,7 @@ def steps_teaching(s: Session, names: list[str]) -> list[Step]:
 def report_data(ws: Any, factory: sessionmaker[Session], *, samples: int = 4) -> Any:
     """``ciss report``: metrics and loss curves of every step's model, plus sample predictions."""
     from ciss_daemon.promotion import resolve_current
-    from ciss_daemon.report import ReportData, StepReport, sample_predictions
+    from ciss_daemon.report import ReportData, StepReport, distinct_pairs, sample_predictions
 
     with factory() as s:
         names = {cid: name for cid, name, _ in catalog.class_map(session=s, upto_step=10**9)}
@@ -210,6 +223,13 @@ def report_data(ws: Any, factory: sessionmaker[Session], *, samples: int = 4) ->
                     if image is not None:
                         pairs.append((image, mask, value_map))
     model_dir = resolve_current(ws.models)
+    pairs = distinct_pairs(pairs)
     picked = pairs[:: max(1, len(pairs) // samples)][:samples] if pairs else []
     shown = sample_predictions(model_dir, picked, samples) if model_dir is not None and picked else []
-    return ReportData(class_names=names, steps=steps, samples=shown, title=f"ciss report: {ws.root}")
+    return ReportData(
+        class_names=names,
+        steps=steps,
+        samples=shown,
+        title=f"ciss report: {ws.root}",
+        colours=class_colours(factory),
+    )
