@@ -117,8 +117,8 @@ def evaluate_version(
 
     Old classes are those of every step before the model's last one, new classes those of its last step.
     """
-    from engine.data import list_pairs, read_manifest
-    from engine.runner import BatchRef, evaluate_model, load_model, resolve_device
+    from engine.data import read_manifest
+    from engine.runner import BatchRef, eval_groups, evaluate_model, load_model, resolve_device
 
     device = resolve_device(settings.daemon.device)
     model, meta = load_model(model_dir, device)
@@ -137,7 +137,8 @@ def evaluate_version(
         # Values of classes the model does not know are left out of the map, so they are ignored.
         value_map = {v: ids[n] for v, n in manifest.classes.items() if n in ids}
         batches = [BatchRef(manifest.name, Path(folder), value_map, manifest.kind)]
-    counts = {b.name: len(list_pairs(b.folder, "train" if b.kind == "eval" else "val")) for b in batches}
+    groups = eval_groups(batches)
+    counts = {name: len(dataset) for name, _, dataset in groups}
     scope = {"model": model_dir.name, "images": sum(counts.values()), "sets": counts}
     if not scope["images"]:
         where = f"batch {folder}" if folder is not None else "the steps of this model"
@@ -151,11 +152,12 @@ def evaluate_version(
     old = [c["id"] for c in meta["classes"] if c["step"] != last_step] or new
     metrics = evaluate_model(
         model,
-        batches,
+        groups,
         num_classes=model.num_classes,
         old_classes=old,
         new_classes=new if last_step > 0 else [],
         device=device,
+        base_classes=[c["id"] for c in meta["classes"] if c["step"] == 0],
     )
     return metrics, names, scope
 
