@@ -727,11 +727,6 @@ def rollback_to(*, session: Session, version: ModelVersion, now: dt.datetime | N
             f"model {version.version} is not a model that was promoted and is still in the history; "
             "`ciss models` lists the models you can roll back to"
         )
-    if not Path(version.path).is_dir():
-        raise OperatorError(
-            f"model {version.version} was pruned (its folder is gone); "
-            "`ciss models` lists the models you can roll back to"
-        )
     if current is None or version.step.index >= current.step.index:
         raise OperatorError(
             f"model {version.version} is not older than the current model; nothing to roll back"

@@ -102,6 +102,11 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
         if not target:
             raise OperatorError("name the model to roll back to, e.g. `ciss rollback v0002`")
         version = catalog.find_version(session=s, version=target)
+        if not Path(version.path).is_dir():
+            raise OperatorError(
+                f"model {version.version} was pruned (its folder is gone); "
+                "`ciss models` lists the models you can roll back to"
+            )
         steps = catalog.rollback_to(session=s, version=version, now=_utc(now))
         swap_current(ws.models, version.version)
         names = ", ".join(c.name for st in steps for c in st.classes) or "none"
