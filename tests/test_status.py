@@ -158,6 +158,8 @@ def test_status_survives_a_typo_in_ciss_toml(ws: Workspace) -> None:
 
 def test_models_lists_every_version_the_current_one_and_what_can_be_rolled_back_to(ws: Workspace) -> None:
     add_steps(ws, "promoted", "promoted", "promoted", "held")
+    for version in ("v0001", "v0002", "v0003", "v0004"):
+        (ws.models / version).mkdir()
     rows = status_view.model_rows(factory_of(ws))
     assert [(r["version"], r["step"], r["state"], r["current"], r["rollback"]) for r in rows] == [
         ("v0001", 0, "retired", False, True),
