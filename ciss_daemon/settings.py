@@ -277,7 +277,11 @@ def default_settings_toml(engine: EngineConfig | None = None, *, profile: str = 
     ``engine`` (default: the engine's defaults) fills ``[model]``, ``[loss]`` and ``[train]``; ``profile``
     is a line saying what they were chosen for, written under the header.
     """
-    defaults = Settings() if engine is None else Settings(engine=engine)
+    return settings_toml(Settings() if engine is None else Settings(engine=engine), profile=profile)
+
+
+def settings_toml(defaults: Settings, *, profile: str = "") -> str:
+    """``defaults`` as ``ciss.toml`` text: every key with its value and one comment line."""
     instances: dict[str, Any] = {
         "daemon": defaults.daemon,
         "gate": defaults.gate,

@@ -184,14 +184,21 @@ def metrics_table(title: str, rows: Sequence[tuple[str, Metrics]]) -> Table:
 
 
 def demo(out: Path, *, seed: int = 0) -> list[Metrics]:
-    """Base step plus two incremental steps on generated data; prints the metrics after each step."""
+    """Base step plus two incremental steps of DKD on generated data; prints the metrics after each step."""
     console = Console()
-    folders = generate_batches(out / "data", "10-5-5", train_per_step=96, val_per_step=12, seed=seed)
-    protocol = load_protocol(folders)
-    results = run_protocol(protocol, cpu_config(), out / "runs", console=console)
-    console.print(
-        metrics_table("DKD on generated data (10-5-5)", [(f"step {i}", m) for i, m in enumerate(results)])
+    data = AblationData()
+    folders = generate_batches(
+        out / "data",
+        data.protocol,
+        train_per_step=data.train_per_step,
+        val_per_step=data.val_per_step,
+        image_size=data.image_size,
+        eval_batch=data.eval_images,
+        seed=seed,
     )
+    results = run_protocol(load_protocol(folders), cpu_config(), out / "runs", console=console)
+    title = f"DKD on generated data ({data.protocol}), gate grouping"
+    console.print(metrics_table(title, [(f"step {i}", m) for i, m in enumerate(results)]))
     return results
 
 
