@@ -801,8 +801,9 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def _headline(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The summary numbers: the gate's grouping, and the paper's under "paper" (None before it was kept)."""
     metrics = metrics or {}
-    return {key: metrics.get(key) for key in METRIC_KEYS}
+    return {**{key: metrics.get(key) for key in METRIC_KEYS}, "paper": metrics.get("paper")}
 
 
 def status_snapshot(*, session: Session, recent: int = 10) -> dict[str, Any]:

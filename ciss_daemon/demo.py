@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import catalog, status
@@ -261,7 +262,5 @@ def _follow_step(
             time.sleep(0.5)
     current = status.snapshot(ws, factory)["current"]
     m = current["metrics"]
-    console.print(
-        f"  step {index} promoted as {current['version']}: mIoU all {status.pct(m['miou_all'])}, "
-        f"old {status.pct(m['miou_old'])}, new {status.pct(m['miou_new'])}, hIoU {status.pct(m['hiou'])}"
-    )
+    console.print(f"  step {index} promoted as {current['version']}:")
+    console.print(Text(status.summary_lines(m)), style="dim")

@@ -36,7 +36,7 @@ from engine.data import label_lut, read_image, read_mask, remap
 from engine.runner import load_model, resolve_device
 
 REPORT_FILE = "report.html"
-SUMMARY_KEYS = (
+SUMMARY_KEYS = (  # the gate's grouping: old = background and every class before the step
     ("miou_all", "mIoU all"),
     ("miou_old", "mIoU old"),
     ("miou_new", "mIoU new"),
@@ -123,6 +123,11 @@ def summary_figure(steps: Sequence[StepReport]) -> Figure | None:
         values = np.array([_number((step.metrics or {}).get(key)) for step in steps])
         # NaN leaves a gap in the line; markers keep a single step (or an isolated value) visible.
         axes.plot(positions, 100 * values, marker="o", label=label)
+    # The paper's grouping (old = background + base classes), dashed, where the metrics hold it.
+    for key, label in SUMMARY_KEYS[1:]:
+        values = np.array([_number(((step.metrics or {}).get("paper") or {}).get(key)) for step in steps])
+        if not np.isnan(values).all():
+            axes.plot(positions, 100 * values, marker="s", linestyle="--", label=f"{label}, paper grouping")
     axes.set_xticks(positions, [_step_label(step) for step in steps])
     axes.set_xlim(-0.5, len(steps) - 0.5)
     axes.set_ylim(0, 100)

@@ -113,11 +113,8 @@ def render(data: dict[str, Any], ws: Workspace) -> Group:
         names = ", ".join(c["name"] for c in current["classes"])
         body = Text()
         body.append(current["version"], style="bold")
-        body.append(
-            f" (step {current['step']}), {len(current['classes'])} classes: {names}\n"
-            f"mIoU all {pct(m.get('miou_all'))}  old {pct(m.get('miou_old'))}  "
-            f"new {pct(m.get('miou_new'))}  hIoU {pct(m.get('hiou'))}"
-        )
+        body.append(f" (step {current['step']}), {len(current['classes'])} classes: {names}\n")
+        body.append(summary_lines(m))
         parts.append(Panel(body, title="current model", expand=False))
     else:
         parts.append(Text(f"no model promoted yet; drop a batch folder into {ws.inbox}"))
@@ -291,8 +288,21 @@ def metrics_table(metrics: Any, names: dict[int, str]) -> Group:
     table.add_column("IoU", justify="right")
     for cid, value in sorted(metrics.iou.items()):
         table.add_row(str(cid), Text("background" if cid == 0 else names.get(cid, "?")), pct(value))
-    summary = Text(
-        f"mIoU all {pct(metrics.miou_all)}  old {pct(metrics.miou_old)}  new {pct(metrics.miou_new)}  "
-        f"hIoU {pct(metrics.hiou)}"
+    return Group(table, Text(summary_lines(metrics.to_dict())))
+
+
+def summary_lines(metrics: dict[str, Any]) -> str:
+    """mIoU all, and old/new/hIoU in the gate's grouping and, when recorded, the paper's (``metrics``:
+    ``engine.evaluate.Metrics.to_dict()``)."""
+    old, new, hiou = (pct(metrics.get(key)) for key in ("miou_old", "miou_new", "hiou"))
+    text = (
+        f"mIoU all {pct(metrics.get('miou_all'))}   gate grouping (old = classes before the step): "
+        f"old {old}  new {new}  hIoU {hiou}"
     )
-    return Group(table, summary)
+    paper = metrics.get("paper")
+    if paper:
+        text += (
+            f"\n{' ' * 15}paper grouping (old = base classes): old {pct(paper.get('miou_old'))}  "
+            f"new {pct(paper.get('miou_new'))}  hIoU {pct(paper.get('hiou'))}"
+        )
+    return text

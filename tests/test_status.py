@@ -180,3 +180,24 @@ def test_rollback_to_an_unknown_version_points_to_ciss_models(ws: Workspace) -> 
     add_steps(ws, "promoted")
     result = runner.invoke(app, ["rollback", "v0009", "-w", str(ws.root)])
     assert result.output == "Error: no model version 'v0009' in the catalog; `ciss models` lists them\n"
+
+
+def test_summary_lines_name_both_groupings() -> None:
+    metrics = {
+        "miou_all": 0.5,
+        "miou_old": 0.6,
+        "miou_new": 0.3,
+        "hiou": 0.4,
+        "paper": {"miou_old": 0.7, "miou_new": 0.35, "hiou": 0.4667},
+    }
+    text = status_view.summary_lines(metrics)
+    assert text.splitlines()[0] == (
+        "mIoU all 50.0   gate grouping (old = classes before the step): old 60.0  new 30.0  hIoU 40.0"
+    )
+    assert (
+        text.splitlines()[1].strip() == "paper grouping (old = base classes): old 70.0  new 35.0  hIoU 46.7"
+    )
+    # Metrics recorded before the paper grouping existed show the gate's line only.
+    assert (
+        len(status_view.summary_lines({k: v for k, v in metrics.items() if k != "paper"}).splitlines()) == 1
+    )
