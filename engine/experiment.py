@@ -26,7 +26,7 @@ from rich.table import Table
 
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
 from engine.data import read_manifest
-from engine.evaluate import Metrics, summarize
+from engine.evaluate import Metrics, paper_view
 from engine.runner import BatchRef, StepRequest, run_step
 from engine.synthetic import generate_batches
 from engine.train import Progress as TrainProgress
@@ -213,13 +213,6 @@ class AblationData:
     eval_images: int = 60
 
 
-def paper_view(m: Metrics, step_sizes: Sequence[int]) -> Metrics:
-    """``m`` regrouped as the paper does: old = background + C_0, new = every later class."""
-    total = sum(step_sizes)
-    base = list(range(1, step_sizes[0] + 1))
-    return summarize(m.iou, base, list(range(step_sizes[0] + 1, total + 1)), base_classes=base)
-
-
 def ablation_seed(
     out: Path,
     data: AblationData,
@@ -248,14 +241,10 @@ def ablation_seed(
     protocol = load_protocol(folders)
     sizes = protocol.step_sizes
     base_run = dataclasses.replace(protocol, steps=protocol.steps[:1])
-    base = run_protocol(
-        base_run,
-        dataclasses.replace(config, train=dataclasses.replace(config.train, method="dkd")),
-        out / "base",
-        console=console,
-        label=f"seed {seed} base: ",
-    )[0]
-    final: dict[str, Metrics] = {"base": paper_view(base_on_all_classes(base, sizes), sizes)}
+    base_classes = list(range(1, sizes[0] + 1))
+    later = list(range(sizes[0] + 1, sum(sizes) + 1))
+    base = run_protocol(base_run, config, out / "base", console=console, label=f"seed {seed} base: ")[0]
+    final: dict[str, Metrics] = {"base": paper_view(base, base_classes, later)}
     for method in methods:
         method_config = dataclasses.replace(config, train=dataclasses.replace(config.train, method=method))
         results = run_protocol(
@@ -266,7 +255,7 @@ def ablation_seed(
             console=console,
             label=f"seed {seed} {method}: ",
         )
-        final[method] = paper_view(results[-1], sizes)
+        final[method] = paper_view(results[-1], base_classes, later)
     total = sum(sizes)
     joint = Protocol(
         steps=[BatchRef("joint", f, {k: k for k in range(1, total + 1)}) for f in joint_folders],
@@ -274,17 +263,11 @@ def ablation_seed(
         class_names=protocol.class_names,
         step_sizes=[total],
     )
-    final["joint"] = paper_view(
-        run_joint(joint, protocol, config, out / "joint", console=console, label=f"seed {seed} joint: "),
-        sizes,
+    joint_metrics = run_joint(
+        joint, protocol, config, out / "joint", console=console, label=f"seed {seed} joint: "
     )
+    final["joint"] = paper_view(joint_metrics, base_classes, later)
     return final
-
-
-def base_on_all_classes(m: Metrics, step_sizes: Sequence[int]) -> Metrics:
-    """The base model's metrics with every later class at IoU 0: it never predicts them."""
-    iou = {k: m.iou.get(k, 0.0) for k in range(sum(step_sizes) + 1)}
-    return dataclasses.replace(m, iou=iou)
 
 
 def run_joint(
@@ -371,7 +354,11 @@ def ablation_markdown(
     for name in names:
         cells = []
         for field in ("miou_old", "miou_new", "miou_all", "hiou"):
-            values = [getattr(final[name], field) for final in runs.values()]
+            # mIoU all is the same in both groupings; old, new and hIoU are the paper's.
+            values = [
+                getattr(final[name] if field == "miou_all" else final[name].paper, field)
+                for final in runs.values()
+            ]
             cells.append(spread(values))
         lines.append(f"| {METHOD_LABELS.get(name, name)} | {' | '.join(cells)} |")
     closures = [gap_closure(final) for final in runs.values()]
