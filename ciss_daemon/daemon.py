@@ -109,11 +109,11 @@ class Daemon:
 
     def _start_locked(self) -> None:
         self.launch = launch.plan_launch(self.settings.daemon)
-        log.info("each step trains with %s", self.launch.describe())
         url = self.ws.catalog_url(self.settings)
         backup = catalog.upgrade_catalog(url, backup_dir=self.ws.backups)
         if backup is not None:
             log.info("catalog upgraded; the previous one is saved at %s", backup)
+        log.info("each step trains with %s", self.launch.describe())
         self.factory = catalog.session_factory(catalog.make_engine(url))
         self.window = training_window(self.settings.daemon.training_window)
         self.recover()
