@@ -1,0 +1,295 @@
+"""What the dashboard shows, read from the catalog (through ``ciss status``'s snapshot) and the job files.
+
+Charts cover the last :data:`CHART_STEPS` steps: each model version's metrics hold the IoU of every class
+it knows, so reading all of them on a catalog of 1,000 steps would take seconds per page; the step table
+still lists every step. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ciss_daemon import catalog, status
+from ciss_daemon.db import Batch, Event, Job, ModelVersion, Rejection, Step
+from ciss_daemon.jobs import read_json
+from ciss_daemon.settings import Settings
+from ciss_daemon.worker import PROGRESS
+from ciss_daemon.workspace import Workspace
+
+CHART_STEPS = 30
+HEATMAP_CLASSES = 60  # rows of the IoU heat map; past this, the classes that lost the most IoU
+REJECTIONS = 20
+LOSS_ORDER = ("mbce", "kd", "dkd_pos", "dkd_neg", "ac", "total")
+
+
+def _job_progress(ws: Workspace, job_id: int, stored: dict[str, Any]) -> dict[str, Any]:
+    """The worker's own progress.json (rewritten every second), else what the daemon copied (every 2 s)."""
+    fresh = read_json(ws.jobs / str(job_id) / PROGRESS)
+    return fresh if fresh is not None else stored
+
+
+def revision(s: Session) -> str:
+    """Changes whenever the daemon records something: the page re-renders when it differs."""
+    last_event = s.scalar(select(func.max(Event.id))) or 0
+    last_change = s.scalar(select(func.max(Step.updated_at)))
+    return f"{last_event}:{last_change.isoformat() if last_change else '-'}"
+
+
+def running(ws: Workspace, s: Session) -> dict[str, Any] | None:
+    """The running job, its progress read from its job folder; None when nothing trains."""
+    row = s.execute(
+        select(Job, Step.index, Batch.name)
+        .join(Step, Job.step_id == Step.id)
+        .join(Batch, Step.batch_id == Batch.id)
+        .where(Job.state == "running")
+        .order_by(Job.id)
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    job, index, batch = row
+    return _running_fields(ws, job.id, index, batch, job.attempts, job.max_attempts, job.progress or {})
+
+
+def _running_fields(
+    ws: Workspace,
+    job_id: int,
+    step: int,
+    batch: str,
+    attempts: int,
+    max_attempts: int,
+    stored: dict[str, Any],
+) -> dict[str, Any]:
+    progress = _job_progress(ws, job_id, stored)
+    done, total = progress.get("iteration"), progress.get("total")
+    losses = progress.get("losses") or {}
+    return {
+        "job": job_id,
+        "step": step,
+        "batch": batch,
+        "attempts": attempts,
+        "max_attempts": max_attempts,
+        "phase": progress.get("phase", "starting"),
+        "iteration": done,
+        "total": total,
+        "fraction": done / total if done is not None and total else None,
+        "epoch": None if progress.get("epoch") is None else progress["epoch"] + 1,
+        "epochs": progress.get("epochs"),
+        "losses": {k: losses[k] for k in _loss_order(losses)},
+        "images_per_second": progress.get("images_per_second"),
+        "eta_seconds": progress.get("eta_seconds"),
+        "eta": status.duration(progress.get("eta_seconds")),
+    }
+
+
+def live(ws: Workspace, factory: sessionmaker[Session]) -> dict[str, Any]:
+    """What the page polls every second: the running job, the daemon, and the catalog's revision."""
+    from ciss_daemon import service
+
+    with factory() as s:
+        return {
+            "daemon": service.daemon_alive(ws.lock_path),
+            "running": running(ws, s),
+            "revision": revision(s),
+        }
+
+
+def _nanmean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _hiou(old: float | None, new: float | None) -> float | None:
+    if old is None or new is None or old + new == 0:
+        return None if old is None or new is None else 0.0
+    return 2 * old * new / (old + new)
+
+
+def paper_grouping(iou: dict[str, float | None], base_ids: set[int]) -> dict[str, float | None]:
+    """mIoU in method.md's grouping: old = background and the base classes, new = every later class."""
+    old = [v for k, v in iou.items() if int(k) == 0 or int(k) in base_ids]
+    new = [v for k, v in iou.items() if int(k) != 0 and int(k) not in base_ids]
+    miou_old, miou_new = _nanmean(old), _nanmean(new)
+    return {
+        "miou_all": _nanmean(list(iou.values())),
+        "miou_old": miou_old,
+        "miou_new": miou_new,
+        "hiou": _hiou(miou_old, miou_new),
+    }
+
+
+def _lineage(s: Session, current_step: int) -> list[dict[str, Any]]:
+    """The promoted steps up to the current model's, each with its model version and batch."""
+    rows = s.execute(
+        select(Step.index, ModelVersion.version, Batch.name, Batch.class_names)
+        .join(ModelVersion, ModelVersion.step_id == Step.id)
+        .join(Batch, Step.batch_id == Batch.id)
+        .where(Step.state == "promoted", Step.index <= current_step, ModelVersion.promoted_at.is_not(None))
+        .order_by(Step.index, ModelVersion.id)
+    )
+    by_step: dict[int, dict[str, Any]] = {}
+    for index, version, batch, names in rows:
+        classes = [n for _, n in sorted(names.items(), key=lambda item: int(item[0]))]
+        by_step[index] = {"step": index, "version": version, "batch": batch, "classes": classes}
+    return list(by_step.values())
+
+
+def _charts(s: Session, steps: list[dict[str, Any]], names: dict[int, str]) -> dict[str, Any]:
+    """mIoU per step, IoU per class per step (heat map) and loss per epoch, for the last CHART_STEPS."""
+    window = steps[-CHART_STEPS:]
+    first = window[0]["index"] if window else 0
+    # Only the parts drawn: a version's metrics also hold the IoU of every class for the model it was
+    # compared with, as large again and not needed here.
+    latest: dict[int, tuple[dict[str, Any] | None, list[dict[str, float]] | None]] = {}
+    for index, candidate, history in s.execute(
+        select(Step.index, ModelVersion.metrics["candidate"], ModelVersion.metrics["history"])
+        .join(Step, ModelVersion.step_id == Step.id)
+        .where(Step.index >= first)
+        .order_by(ModelVersion.id)
+    ):
+        latest[index] = (candidate, history)  # a step's last model (a retried step may have several)
+    labels: list[str] = []
+    miou: dict[str, list[float | None]] = {key: [] for key in catalog.METRIC_KEYS}
+    losses: dict[str, list[float | None]] = {}  # loss term -> value per (step, epoch) of loss_labels
+    loss_labels: list[str] = []
+    iou_columns: list[dict[str, float | None]] = []
+    for st in window:
+        candidate, history = latest.get(st["index"], (None, None))
+        candidate = candidate or {}
+        labels.append(f"step {st['index']}")
+        for key in miou:
+            miou[key].append(_round(candidate.get(key)))
+        iou_columns.append(candidate.get("iou") or {})
+        for epoch, terms in enumerate(history or [], start=1):
+            loss_labels.append(f"s{st['index']} e{epoch}")
+            for key, value in terms.items():
+                losses.setdefault(key, [None] * (len(loss_labels) - 1)).append(_round(value))
+            for values in losses.values():
+                if len(values) < len(loss_labels):
+                    values.append(None)
+    ids = sorted({int(k) for column in iou_columns for k in column})
+    shown_note = ""
+    if len(ids) > HEATMAP_CLASSES:
+        ids = sorted(_most_forgotten(ids, iou_columns)[:HEATMAP_CLASSES])
+        shown_note = f"the {HEATMAP_CLASSES} classes that lost the most IoU over these steps"
+    cells = [
+        {"x": labels[column], "y": _name(names, cid), "v": _round(iou.get(str(cid)))}
+        for column, iou in enumerate(iou_columns)
+        for cid in ids
+        if iou.get(str(cid)) is not None
+    ]
+    ordered = _loss_order(losses)
+    return {
+        "steps": labels,
+        "first_step": first,
+        "miou": miou,
+        "heatmap": {"classes": [_name(names, cid) for cid in ids], "cells": cells, "note": shown_note},
+        "loss": {"labels": loss_labels, "terms": {k: losses[k] for k in ordered}},
+    }
+
+
+def _round(value: float | None) -> float | None:
+    """Four significant digits: what a chart can show, in a page a quarter the size."""
+    return None if value is None else float(f"{value:.4g}")
+
+
+def _loss_order(terms: dict[str, Any]) -> list[str]:
+    """Loss terms in the order of method.md's weighted sum, then any others by name."""
+    return [k for k in LOSS_ORDER if k in terms] + sorted(set(terms) - set(LOSS_ORDER))
+
+
+def _most_forgotten(ids: list[int], columns: list[dict[str, float | None]]) -> list[int]:
+    """Class ids by how far their IoU fell from its best to its last value in the window, most first."""
+    best: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for column in columns:  # one pass: 50 columns of 3,000 classes on a long-lived catalog
+        for key, value in column.items():
+            if value is not None:
+                last[key] = value
+                best[key] = max(best.get(key, value), value)
+    return sorted(ids, key=lambda cid: (-(best.get(str(cid), 0.0) - last.get(str(cid), 0.0)), cid))
+
+
+def _name(names: dict[int, str], cid: int) -> str:
+    return "background" if cid == 0 else names.get(cid, f"class {cid}")
+
+
+def dashboard(ws: Workspace, factory: sessionmaker[Session], settings: Settings) -> dict[str, Any]:
+    """Everything the page shows; the snapshot of ``ciss status`` plus lineage, charts and full reasons."""
+    data = status.snapshot(ws, factory)
+    names = {row["id"]: row["name"] for row in status.class_rows(factory)}
+    with factory() as s:
+        data["revision"] = revision(s)
+        if data["running"] is not None:
+            r = data["running"]
+            data["running"] = _running_fields(
+                ws, r["job"], r["step"], r["batch"], r["attempts"], r["max_attempts"], r["progress"]
+            )
+        current = data["current"]
+        if current is not None:
+            lineage = _lineage(s, current["step"])
+            current["lineage"] = lineage
+            current["batch"] = lineage[-1]["batch"] if lineage else None
+            current["teacher"] = lineage[-2]["version"] if len(lineage) > 1 else None
+            candidate = s.scalar(
+                select(ModelVersion.metrics["candidate"]).where(ModelVersion.version == current["version"])
+            )
+            base_names = set(lineage[0]["classes"]) if lineage else set()
+            base = {cid for cid, name in names.items() if name in base_names}
+            current["paper"] = paper_grouping((candidate or {}).get("iou") or {}, base)
+        data["charts"] = _charts(s, data["steps"], names)
+        data["rejections"] = [
+            {
+                "batch": r.batch_name,
+                "at": r.created_at.isoformat(),
+                "reasons": list(r.reasons),
+                "path": r.path,
+            }
+            for r in s.scalars(
+                select(Rejection).order_by(Rejection.created_at.desc(), Rejection.id.desc()).limit(REJECTIONS)
+            )
+        ]
+        data["rejections_total"] = s.scalar(select(func.count(Rejection.id))) or 0
+    held = {c["step"]: c for c in data["candidates"]}
+    for st in data["steps"]:
+        if st["state"] == "held" and st["index"] in held:
+            st["gate"] = held[st["index"]]
+    data["gate"] = {
+        "old_miou_budget": settings.gate.old_miou_budget,
+        "new_miou_floor": settings.gate.new_miou_floor,
+        "auto_promote": settings.gate.auto_promote,
+    }
+    data["promoted_versions"] = _rollback_targets(data)
+    return data
+
+
+def _rollback_targets(data: dict[str, Any]) -> list[str]:
+    """Versions of the current lineage older than the current model: what ``ciss rollback`` accepts."""
+    current = data["current"]
+    if current is None:
+        return []
+    return [entry["version"] for entry in current["lineage"] if entry["version"] != current["version"]]
+
+
+def sample_files(root: Path, version: str | None) -> list[dict[str, str]]:
+    """The sample predictions written for ``version`` (see ``samples.py``): one dict of file names each."""
+    if version is None:
+        return []
+    folder = root / version
+    rows = []
+    for image in sorted(folder.glob("*.image.png")):
+        stem = image.name.removesuffix(".image.png")
+        if (folder / f"{stem}.truth.png").is_file() and (folder / f"{stem}.prediction.png").is_file():
+            rows.append(
+                {
+                    "image": f"{version}/{stem}.image.png",
+                    "truth": f"{version}/{stem}.truth.png",
+                    "prediction": f"{version}/{stem}.prediction.png",
+                }
+            )
+    return rows
