@@ -39,7 +39,9 @@ def seeded(tmp_path: Path) -> Workspace:
     return ws
 
 
-def test_the_page_shows_model_lineage_metrics_held_numbers_and_full_rejection_reasons(seeded: Workspace) -> None:
+def test_the_page_shows_model_lineage_metrics_held_numbers_and_full_rejection_reasons(
+    seeded: Workspace,
+) -> None:
     page = client(seeded).get("/")
     assert page.status_code == 200
     text = page.text
@@ -120,9 +122,7 @@ def test_an_action_needs_the_token_in_its_header_and_then_goes_through_run_actio
         "wrong or missing operator token; enter the [web] token of ciss.toml"
     )
     # a form post (what a cross-site page could send without a preflight) is refused even with the token
-    form = c.post(
-        "/api/actions/promote", data={"target": "1"}, headers={"Authorization": f"Bearer {TOKEN}"}
-    )
+    form = c.post("/api/actions/promote", data={"target": "1"}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert form.status_code == 415
     assert _state(c, 1) == "held"
     bearer = {"Authorization": f"Bearer {TOKEN}", "Origin": "http://127.0.0.1:8470"}

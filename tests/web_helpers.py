@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from daemon_helpers import new_workspace, settings_text
@@ -80,7 +82,9 @@ def seed(ws: Workspace, *, running: bool = False) -> None:
             if index == 0:
                 swap_current(ws.models, version.version)
                 catalog.promote_version(session=s, version=version, reason="base mIoU 0.850", now=at)
-                catalog.log_event(session=s, kind="promoted", message="step 0: v0001 promoted", step=step, now=at)
+                catalog.log_event(
+                    session=s, kind="promoted", message="step 0: v0001 promoted", step=step, now=at
+                )
             else:
                 catalog.set_step_state(session=s, step=step, state="held", reason=HELD_REASON, now=at)
                 catalog.log_event(
@@ -133,3 +137,36 @@ def write_progress(ws: Workspace, job_id: int, *, iteration: int) -> None:
             }
         )
     )
+
+
+class Hook:
+    """A local webhook: records each JSON body; ``status`` is its answer; ``gate`` holds answers back."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.bodies: list[dict] = []
+        self.status = status
+        self.gate = threading.Event()
+        self.gate.set()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.bodies.append({"json": json.loads(body), "type": self.headers["Content-Type"]})
+                hook.gate.wait(30)
+                self.send_response(hook.status)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/services/T000/B000/secret"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
