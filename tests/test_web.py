@@ -227,3 +227,12 @@ def test_web_settings_are_checked(tmp_path: Path) -> None:
         parse_settings("[web]\nport = 0")
     assert str(port.value) == "ciss.toml: web.port: 0 must be between 1 and 65535"
     assert parse_settings("").web.host == "127.0.0.1"
+
+
+def test_the_step_table_shows_the_latest_steps_and_any_older_held_one() -> None:
+    from ciss_daemon.web.data import TABLE_STEPS, shown_steps
+
+    steps = [{"index": i, "state": "held" if i == 3 else "promoted"} for i in range(TABLE_STEPS + 20)]
+    shown = [st["index"] for st in shown_steps(steps, all_steps=False)]
+    assert shown == [*range(TABLE_STEPS + 19, 19, -1), 3]
+    assert len(shown_steps(steps, all_steps=True)) == TABLE_STEPS + 20

@@ -127,8 +127,9 @@ class Dashboard:
 
     # --- pages ---------------------------------------------------------------------------------------
 
-    def page_data(self) -> dict[str, Any]:
+    def page_data(self, *, all_steps: bool = False) -> dict[str, Any]:
         data = dashboard_data.dashboard(self.ws, self.factory(), self.settings)
+        data["shown_steps"] = dashboard_data.shown_steps(data["steps"], all_steps=all_steps)
         current = data["current"]
         version = current["version"] if current else None
         if version is not None:
@@ -142,7 +143,8 @@ class Dashboard:
 
     async def index(self, request: Request) -> Response:
         try:
-            data = await run_in_threadpool(self.page_data)
+            all_steps = request.query_params.get("steps") == "all"
+            data = await run_in_threadpool(lambda: self.page_data(all_steps=all_steps))
         except CissError as error:
             page = self.templates.get_template("error.html").render(message=str(error))
             return HTMLResponse(page, status_code=503)

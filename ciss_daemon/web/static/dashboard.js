@@ -33,6 +33,17 @@ function lineChart(canvas, labels, series, yLabel, yMax) {
   });
 }
 
+// Viridis, as `ciss report` draws its heat map: dark purple at IoU 0, yellow at 100.
+const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+
+function viridis(value) {
+  const x = Math.min(Math.max(value, 0), 1) * (VIRIDIS.length - 1);
+  const i = Math.min(Math.floor(x), VIRIDIS.length - 2);
+  const t = x - i;
+  const [r, g, b] = VIRIDIS[i].map((c, k) => Math.round(c + t * (VIRIDIS[i + 1][k] - c)));
+  return `rgb(${r}, ${g}, ${b})`;
+}
+
 function heatmap(canvas, data) {
   const steps = data.steps;
   const classes = data.heatmap.classes;
@@ -42,11 +53,7 @@ function heatmap(canvas, data) {
       datasets: [{
         label: "IoU (%)",
         data: data.heatmap.cells.map((c) => ({ x: c.x, y: c.y, v: c.v })),
-        // viridis-like: dark blue (0) to yellow (100); grey cells are those not scored
-        backgroundColor: (ctx) => {
-          const v = ctx.raw ? ctx.raw.v : 0;
-          return `hsl(${Math.round(260 - 200 * v)}, 70%, ${Math.round(25 + 40 * v)}%)`;
-        },
+        backgroundColor: (ctx) => viridis(ctx.raw ? ctx.raw.v : 0),
         width: ({ chart }) => ((chart.chartArea || {}).width || 0) / Math.max(steps.length, 1) - 1,
         height: ({ chart }) => ((chart.chartArea || {}).height || 0) / Math.max(classes.length, 1) - 1,
       }],
@@ -124,11 +131,12 @@ function showRunning(r) {
     liveLoss.values.push(total);
     if (liveLoss.chart) liveLoss.chart.update();
   }
+  $("chart-live-loss").parentElement.hidden = liveLoss.labels.length < 2;  // a curve needs two points
 }
 
 async function rerender() {
   // The server renders the page (escaped); only <main> is swapped, so the token field keeps its value.
-  const response = await fetch("/", { cache: "no-store" });
+  const response = await fetch(location.pathname + location.search, { cache: "no-store" });
   if (!response.ok) return;
   const page = new DOMParser().parseFromString(await response.text(), "text/html");
   const fresh = page.getElementById("dashboard");
