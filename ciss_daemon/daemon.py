@@ -136,7 +136,11 @@ class Daemon:
         if self.settings.web.enabled:
             from ciss_daemon.web import serve_in_thread
 
-            self.web = serve_in_thread(self.ws, self.settings)
+            try:
+                self.web = serve_in_thread(self.ws, self.settings)
+            except CissError as error:  # the service goes on without its dashboard; `ciss web` can serve it
+                log.error("no dashboard: %s", error)
+                return
             log.info("dashboard at http://%s:%d/", self.settings.web.host, self.settings.web.port)
 
     def _start_timers(self) -> None:

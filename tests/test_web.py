@@ -76,7 +76,7 @@ def test_the_charts_data_holds_miou_per_step_iou_per_class_and_losses(seeded: Wo
     charts = client(seeded).get("/api/status").json()["charts"]
     assert charts["miou"]["miou_old"] == [0.85, 0.84]
     assert charts["heatmap"]["classes"] == ["background", "cat", EVIL_CLASS]
-    assert {"x": "step 1", "y": "cat", "v": 0.78} in charts["heatmap"]["cells"]
+    assert charts["heatmap"]["values"] == [[0.9, 0.9], [0.8, 0.78], [None, 0.05]]
     assert charts["loss"]["labels"] == ["s0 e1", "s0 e2", "s1 e1", "s1 e2"]
     assert charts["loss"]["terms"]["total"] == [1.2, 0.7, 1.2, 0.7]
 
@@ -236,3 +236,26 @@ def test_the_step_table_shows_the_latest_steps_and_any_older_held_one() -> None:
     shown = [st["index"] for st in shown_steps(steps, all_steps=False)]
     assert shown == [*range(TABLE_STEPS + 19, 19, -1), 3]
     assert len(shown_steps(steps, all_steps=True)) == TABLE_STEPS + 20
+
+
+def test_the_charts_follow_a_new_step_although_their_data_is_cached(seeded: Workspace) -> None:
+    from ciss_daemon import catalog
+
+    c = client(seeded)
+    assert c.get("/api/status").json()["charts"]["steps"] == ["step 0", "step 1"]
+    assert c.get("/api/status").json()["charts"]["steps"] == ["step 0", "step 1"]  # from the cache
+    factory = catalog.session_factory(catalog.make_engine(f"sqlite:///{seeded.catalog_path}"))
+    with catalog.transaction(factory) as s:
+        batch = catalog.record_batch(
+            session=s,
+            name="b002",
+            kind="train",
+            sha256="2" * 64,
+            store_path=seeded.store / "b2",
+            class_names={1: "bird"},
+            n_train=8,
+            n_val=2,
+        )
+        step = catalog.create_step(session=s, batch=batch)
+        catalog.log_event(session=s, kind="accepted", message="batch 'b002' accepted as step 2", step=step)
+    assert c.get("/api/status").json()["charts"]["steps"] == ["step 0", "step 1", "step 2"]

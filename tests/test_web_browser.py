@@ -72,6 +72,7 @@ def test_a_real_daemon_training_shows_progress_advancing_on_screen(tmp_path: Pat
     from daemon_helpers import DaemonProcess, new_workspace, settings_text, step_states, wait_for
 
     from ciss_daemon.inbox import submit_folder
+    from ciss_daemon.web import samples
 
     port = free_port()
     hook = Hook()
@@ -116,6 +117,12 @@ def test_a_real_daemon_training_shows_progress_advancing_on_screen(tmp_path: Pat
             page.wait_for_function("() => document.body.dataset.charts === '4'")
             drawn = charts_drawn(page)
             assert drawn["chart-miou"] and drawn["chart-loss"] and drawn["chart-heatmap"], drawn
+            # Sample predictions of the new current model, drawn by a child process, then shown.
+            wait_for(lambda: (samples.folder(ws) / "v0001").is_dir(), "the sample predictions", timeout=180)
+            page.reload()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#samples img')].filter((i) => i.naturalWidth).length >= 3"
+            )
         assert step_states(ws) == ["promoted"]
         wait_for(lambda: len(hook.bodies) == 2, "the held and promoted notifications", timeout=30)
     finally:

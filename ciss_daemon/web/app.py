@@ -116,6 +116,7 @@ class Dashboard:
         self.templates.filters["pct"] = status.pct
         self.templates.filters["when"] = _when
         self.registry: Any = None
+        self.charts = dashboard_data.ChartCache()
 
     def factory(self) -> sessionmaker[Session]:
         """The catalog, opened read-only on first use (a dashboard may start before the daemon made it)."""
@@ -128,7 +129,7 @@ class Dashboard:
     # --- pages ---------------------------------------------------------------------------------------
 
     def page_data(self, *, all_steps: bool = False) -> dict[str, Any]:
-        data = dashboard_data.dashboard(self.ws, self.factory(), self.settings)
+        data = dashboard_data.dashboard(self.ws, self.factory(), self.settings, charts=self.charts)
         data["shown_steps"] = dashboard_data.shown_steps(data["steps"], all_steps=all_steps)
         current = data["current"]
         version = current["version"] if current else None

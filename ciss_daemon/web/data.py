@@ -8,6 +8,7 @@ still lists every step. Nothing here imports torch.
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import catalog, status
-from ciss_daemon.db import Batch, Event, Job, ModelVersion, Rejection, Step
+from ciss_daemon.db import Batch, Class, Event, Job, ModelVersion, Rejection, Step
 from ciss_daemon.jobs import read_json
 from ciss_daemon.settings import Settings
 from ciss_daemon.worker import PROGRESS
 from ciss_daemon.workspace import Workspace
 
 CHART_STEPS = 30
+LINEAGE_SHOWN = 20  # promoted steps listed in the current model's lineage, besides the base step
 TABLE_STEPS = 100  # rows of the step table unless the page is asked for all (?steps=all)
 HEATMAP_CLASSES = 60  # rows of the IoU heat map; past this, the classes that lost the most IoU
 REJECTIONS = 20
@@ -124,36 +126,61 @@ def paper_grouping(iou: dict[str, float | None], base_ids: set[int]) -> dict[str
     }
 
 
-def _lineage(s: Session, current_step: int) -> list[dict[str, Any]]:
-    """The promoted steps up to the current model's, each with its model version and batch."""
-    rows = s.execute(
+def _lineage(s: Session, current_step: int) -> tuple[list[dict[str, Any]], int]:
+    """The base step and the last LINEAGE_SHOWN promoted steps up to the current model's (each with its
+    model version, batch and classes), oldest first, and how many promoted steps there are in all."""
+    query = (
         select(Step.index, ModelVersion.version, Batch.name, Batch.class_names)
         .join(ModelVersion, ModelVersion.step_id == Step.id)
         .join(Batch, Step.batch_id == Batch.id)
+        # a promoted step has one version that was promoted (retired since, or current)
         .where(Step.state == "promoted", Step.index <= current_step, ModelVersion.promoted_at.is_not(None))
-        .order_by(Step.index, ModelVersion.id)
     )
+    total = s.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = [
+        *s.execute(query.order_by(Step.index).limit(1)),
+        *reversed(s.execute(query.order_by(Step.index.desc()).limit(LINEAGE_SHOWN)).all()),
+    ]
     by_step: dict[int, dict[str, Any]] = {}
     for index, version, batch, names in rows:
         classes = [n for _, n in sorted(names.items(), key=lambda item: int(item[0]))]
         by_step[index] = {"step": index, "version": version, "batch": batch, "classes": classes}
-    return list(by_step.values())
+    return list(by_step.values()), total
 
 
-def _charts(s: Session, steps: list[dict[str, Any]], names: dict[int, str]) -> dict[str, Any]:
-    """mIoU per step, IoU per class per step (heat map) and loss per epoch, for the last CHART_STEPS."""
+# A model version's candidate metrics and loss history, as drawn.
+VersionMetrics = tuple[dict[str, Any] | None, list[dict[str, float]] | None]
+
+
+def _charts(s: Session, steps: list[dict[str, Any]], known: dict[int, VersionMetrics]) -> dict[str, Any]:
+    """mIoU per step, IoU per class per step (heat map) and loss per epoch, for the last CHART_STEPS.
+
+    ``known`` holds the metrics of versions read before, by version id (a version's metrics never change
+    once recorded); the versions of the window missing from it are read and added, the others dropped.
+    """
     window = steps[-CHART_STEPS:]
     first = window[0]["index"] if window else 0
-    # Only the parts drawn: a version's metrics also hold the IoU of every class for the model it was
-    # compared with, as large again and not needed here.
-    latest: dict[int, tuple[dict[str, Any] | None, list[dict[str, float]] | None]] = {}
-    for index, candidate, history in s.execute(
-        select(Step.index, ModelVersion.metrics["candidate"], ModelVersion.metrics["history"])
+    last_version: dict[int, int] = {}  # step index -> its last version's id (a retried step may have several)
+    for index, version_id in s.execute(
+        select(Step.index, ModelVersion.id)
         .join(Step, ModelVersion.step_id == Step.id)
         .where(Step.index >= first)
         .order_by(ModelVersion.id)
     ):
-        latest[index] = (candidate, history)  # a step's last model (a retried step may have several)
+        last_version[index] = version_id
+    missing = set(last_version.values()) - set(known)
+    if missing:
+        # Only the parts drawn: a version's metrics also hold the IoU of every class for the model it was
+        # compared with, as large again and not needed here.
+        for version_id, candidate, history in s.execute(
+            select(ModelVersion.id, ModelVersion.metrics["candidate"], ModelVersion.metrics["history"]).where(
+                ModelVersion.id.in_(missing)
+            )
+        ):
+            known[version_id] = (candidate, history)
+    for stale in set(known) - set(last_version.values()):
+        del known[stale]
+    latest = {index: known[version_id] for index, version_id in last_version.items()}
     labels: list[str] = []
     miou: dict[str, list[float | None]] = {key: [] for key in catalog.METRIC_KEYS}
     losses: dict[str, list[float | None]] = {}  # loss term -> value per (step, epoch) of loss_labels
@@ -178,18 +205,15 @@ def _charts(s: Session, steps: list[dict[str, Any]], names: dict[int, str]) -> d
     if len(ids) > HEATMAP_CLASSES:
         ids = sorted(_most_forgotten(ids, iou_columns)[:HEATMAP_CLASSES])
         shown_note = f"the {HEATMAP_CLASSES} classes that lost the most IoU since their first score here"
-    cells = [
-        {"x": labels[column], "y": _name(names, cid), "v": _round(iou.get(str(cid)))}
-        for column, iou in enumerate(iou_columns)
-        for cid in ids
-        if iou.get(str(cid)) is not None
-    ]
+    names = {cid: name for cid, name in s.execute(select(Class.id, Class.name).where(Class.id.in_(ids)))}
+    # rows: classes, columns: steps of the window; None where a class was not scored
+    values = [[_round(iou.get(str(cid))) for iou in iou_columns] for cid in ids]
     ordered = _loss_order(losses)
     return {
         "steps": labels,
         "first_step": first,
         "miou": miou,
-        "heatmap": {"classes": [_name(names, cid) for cid in ids], "cells": cells, "note": shown_note},
+        "heatmap": {"classes": [_name(names, cid) for cid in ids], "values": values, "note": shown_note},
         "loss": {"labels": loss_labels, "terms": {k: losses[k] for k in ordered}},
     }
 
@@ -226,10 +250,32 @@ def _name(names: dict[int, str], cid: int) -> str:
     return "background" if cid == 0 else names.get(cid, f"class {cid}")
 
 
-def dashboard(ws: Workspace, factory: sessionmaker[Session], settings: Settings) -> dict[str, Any]:
+class ChartCache:
+    """The chart data of the last revision, and the metrics of the model versions it drew.
+
+    Reading the metrics of 30 model versions, each with the IoU of every class, is most of a page's cost on
+    a long history. A version's metrics never change once recorded, so each is read once; the chart data
+    itself changes only when the daemon records something, which changes the revision.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.revision: str | None = None
+        self.data: dict[str, Any] | None = None
+        self.versions: dict[int, VersionMetrics] = {}
+
+    def get(self, s: Session, steps: list[dict[str, Any]], at_revision: str) -> dict[str, Any]:
+        with self.lock:
+            if self.data is None or self.revision != at_revision:
+                self.data, self.revision = _charts(s, steps, self.versions), at_revision
+            return self.data
+
+
+def dashboard(
+    ws: Workspace, factory: sessionmaker[Session], settings: Settings, *, charts: ChartCache | None = None
+) -> dict[str, Any]:
     """Everything the page shows; the snapshot of ``ciss status`` plus lineage, charts and full reasons."""
     data = status.snapshot(ws, factory)
-    names = {row["id"]: row["name"] for row in status.class_rows(factory)}
     with factory() as s:
         data["revision"] = revision(s)
         if data["running"] is not None:
@@ -239,7 +285,7 @@ def dashboard(ws: Workspace, factory: sessionmaker[Session], settings: Settings)
             )
         current = data["current"]
         if current is not None:
-            lineage = _lineage(s, current["step"])
+            lineage, current["lineage_total"] = _lineage(s, current["step"])
             current["lineage"] = lineage
             current["batch"] = lineage[-1]["batch"] if lineage else None
             current["teacher"] = lineage[-2]["version"] if len(lineage) > 1 else None
@@ -247,9 +293,9 @@ def dashboard(ws: Workspace, factory: sessionmaker[Session], settings: Settings)
                 select(ModelVersion.metrics["candidate"]).where(ModelVersion.version == current["version"])
             )
             base_names = set(lineage[0]["classes"]) if lineage else set()
-            base = {cid for cid, name in names.items() if name in base_names}
+            base = set(s.scalars(select(Class.id).where(Class.name.in_(base_names))))
             current["paper"] = paper_grouping((candidate or {}).get("iou") or {}, base)
-        data["charts"] = _charts(s, data["steps"], names)
+        data["charts"] = (charts or ChartCache()).get(s, data["steps"], data["revision"])
         data["rejections"] = [
             {
                 "batch": r.batch_name,

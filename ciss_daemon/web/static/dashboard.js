@@ -44,6 +44,15 @@ function viridis(value) {
   return `rgb(${r}, ${g}, ${b})`;
 }
 
+function cells(steps, classes, values) {
+  // values: one row per class, one column per step; unscored (null) cells are left out
+  const out = [];
+  values.forEach((row, y) => row.forEach((v, x) => {
+    if (v !== null) out.push({ x: steps[x], y: classes[y], v: v });
+  }));
+  return out;
+}
+
 function heatmap(canvas, data) {
   const steps = data.steps;
   const classes = data.heatmap.classes;
@@ -52,7 +61,7 @@ function heatmap(canvas, data) {
     data: {
       datasets: [{
         label: "IoU (%)",
-        data: data.heatmap.cells.map((c) => ({ x: c.x, y: c.y, v: c.v })),
+        data: cells(steps, classes, data.heatmap.values),
         backgroundColor: (ctx) => viridis(ctx.raw ? ctx.raw.v : 0),
         width: ({ chart }) => ((chart.chartArea || {}).width || 0) / Math.max(steps.length, 1) - 1,
         height: ({ chart }) => ((chart.chartArea || {}).height || 0) / Math.max(classes.length, 1) - 1,
