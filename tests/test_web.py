@@ -259,3 +259,18 @@ def test_the_charts_follow_a_new_step_although_their_data_is_cached(seeded: Work
         step = catalog.create_step(session=s, batch=batch)
         catalog.log_event(session=s, kind="accepted", message="batch 'b002' accepted as step 2", step=step)
     assert c.get("/api/status").json()["charts"]["steps"] == ["step 0", "step 1", "step 2"]
+
+
+def test_ciss_web_on_a_port_in_use_says_so_in_one_line(seeded: Workspace) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli_app, ["web", "--workspace", str(seeded.root), "--port", str(port)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: cannot serve the dashboard on 127.0.0.1:{port} (the address is in use or not available); "
+        "choose another [web] port or stop what uses it"
+    )

@@ -121,7 +121,8 @@ def test_a_real_daemon_training_shows_progress_advancing_on_screen(tmp_path: Pat
             wait_for(lambda: (samples.folder(ws) / "v0001").is_dir(), "the sample predictions", timeout=180)
             page.reload()
             page.wait_for_function(
-                "() => [...document.querySelectorAll('#samples img')].filter((i) => i.naturalWidth).length >= 3"
+                "() => [...document.querySelectorAll('#samples img')].filter((i) => i.naturalWidth).length"
+                " >= 3"
             )
         assert step_states(ws) == ["promoted"]
         wait_for(lambda: len(hook.bodies) == 2, "the held and promoted notifications", timeout=30)

@@ -53,7 +53,7 @@ def _server(ws: Workspace, settings: Settings, host: str, port: int) -> Any:
     return uvicorn.Server(config)
 
 
-def _bind_error(host: str, port: int, error: BaseException) -> WebError:
+def _bind_error(host: str, port: int, error: BaseException | str) -> WebError:
     return WebError(
         f"cannot serve the dashboard on {host}:{port} ({error}); choose another [web] port or stop what "
         "uses it"
@@ -65,10 +65,11 @@ def serve(ws: Workspace, settings: Settings, *, host: str, port: int) -> None:
     server = _server(ws, settings, host, port)
     try:
         server.run()
-    except OSError as error:
-        raise _bind_error(host, port, error) from None
-    if not server.started:  # uvicorn logs a bind failure and returns
-        raise _bind_error(host, port, OSError("the address is in use or not available"))
+    except (OSError, SystemExit) as error:  # uvicorn logs a failed bind, then exits
+        if server.started:
+            raise
+        reason = error if isinstance(error, OSError) else "the address is in use or not available"
+        raise _bind_error(host, port, reason) from None
 
 
 class WebThread:
