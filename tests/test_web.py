@@ -274,3 +274,24 @@ def test_ciss_web_on_a_port_in_use_says_so_in_one_line(seeded: Workspace) -> Non
         f"Error: cannot serve the dashboard on 127.0.0.1:{port} (the address is in use or not available); "
         "choose another [web] port or stop what uses it"
     )
+
+
+def test_reading_the_dashboard_never_changes_the_catalog(tmp_path: Path) -> None:
+    import sqlite3
+
+    ws = workspace(tmp_path / "ws", token=TOKEN)
+    seed(ws, running=True)
+
+    def dump() -> list[str]:
+        db = sqlite3.connect(ws.catalog_path)
+        try:
+            return list(db.iterdump())
+        finally:
+            db.close()
+
+    before = dump()
+    c = client(ws)
+    for url in ("/", "/?steps=all", "/api/status", "/api/live", "/metrics", "/samples/x.png"):
+        c.get(url)
+    c.post("/api/actions/promote", json={"target": "1"})  # no token: refused
+    assert dump() == before

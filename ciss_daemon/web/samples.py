@@ -31,8 +31,8 @@ def folder(ws: Workspace) -> Path:
 
 def request(ws: Workspace, version: str) -> None:
     """Start drawing the samples of ``version`` unless they exist or a drawing is under way (never waits)."""
-    if (folder(ws) / version).is_dir():
-        return
+    if (folder(ws) / version).is_dir() or not (ws.models / version).is_dir():
+        return  # drawn already, or no model files to draw with
     key = (ws.root, version)
     previous = _started.get(key)
     if previous is not None:
