@@ -130,6 +130,17 @@ def time_browser(url: str, runs: int, before: Callable[[], None]) -> dict[str, A
     return {"load_event": summary(loaded), "charts_drawn": summary(drawn)}
 
 
+def cpu_reference() -> float:
+    """Seconds of a fixed piece of pure-Python work (``sum(range(10**7))``), median of 3: how much CPU this
+    process got while the figures were taken; compare it with the same work on an idle machine."""
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        sum(range(10**7))
+        samples.append(time.perf_counter() - start)
+    return round(sorted(samples)[1], 3)
+
+
 def page_load(out: Path, *, steps: int, runs: int, workdir: Path | None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="ciss-web-bench-", dir=workdir))
     ws = new_workspace(root / "ws")
@@ -139,6 +150,7 @@ def page_load(out: Path, *, steps: int, runs: int, workdir: Path | None) -> dict
         "machine": machine_info(root),
         "catalog": {"steps": stats.steps, "classes": stats.classes, "bytes": stats.bytes},
         "runs": runs,
+        "cpu_reference_at_start": cpu_reference(),
     }
     factory = catalog.session_factory(catalog.make_engine(f"sqlite:///{ws.catalog_path}"))
 
@@ -158,6 +170,7 @@ def page_load(out: Path, *, steps: int, runs: int, workdir: Path | None) -> dict
         results["get_metrics"], _ = time_get(f"{url}/metrics", runs)
         results["browser"] = time_browser(f"{url}/", runs, change)
     results["loadavg_at_end"] = loadavg()
+    results["cpu_reference_at_end"] = cpu_reference()
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
@@ -188,7 +201,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['catalog']['steps']:,} steps, {r['catalog']['classes']:,} classes, "
         f"{r['catalog']['bytes'] / 2**20:.1f} MiB catalog; page {r['page_bytes'] / 1024:.0f} KiB; "
         f"{r['runs']} runs after a warm-up; load average {r['machine']['loadavg_at_start']} at start, "
-        f"{r['loadavg_at_end']} at end.",
+        f"{r['loadavg_at_end']} at end; CPU reference `sum(range(10**7))` {r['cpu_reference_at_start']} s at "
+        f"start, {r['cpu_reference_at_end']} s at end.",
         "",
         "| what | median s | min s | max s |",
         "|---|---|---|---|",

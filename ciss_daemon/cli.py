@@ -264,9 +264,15 @@ def web(
     require()
     ws, settings = _open(workspace)
     host, port = host or settings.web.host, port or settings.web.port
-    console.print(f"Dashboard of {ws.root} at http://{host}:{port}/ (metrics at /metrics); Ctrl-C stops it")
+    console.print(
+        f"Dashboard of {ws.root} at http://{host}:{port}/ (metrics at /metrics); Ctrl-C stops it",
+        markup=False,
+    )
     if not settings.web.token:
-        console.print("Read-only: set [web] token in ciss.toml to allow promote, discard and rollback here")
+        console.print(
+            "Read-only: set [web] token in ciss.toml to allow promote, discard and rollback here",
+            markup=False,
+        )
     serve(ws, settings, host=host, port=port)
 
 
