@@ -82,7 +82,7 @@ def test_a_slow_server_times_out_and_never_blocks_send(hook: Hook) -> None:
     notifier = Notifier(settings, workspace="/ws")
     for _ in range(3):
         notifier.send(EVENT)  # returns at once although nothing has been answered
-    assert notifier.delivered == 0 and notifier.failed == 0
+    assert notifier.delivered == 0  # the server has answered nothing yet
     wait_for(lambda: notifier.failed == 3, "three events to time out", timeout=30)
     assert len(hook.bodies) == 6  # each tried twice
     hook.gate.set()
