@@ -14,6 +14,7 @@ Who may do what:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
 import json
 import os
@@ -75,6 +76,24 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+class Assets(StaticFiles):
+    """The packaged static files, cached by browsers for a day: pages name them with ``?v=<hash of their
+    contents>``, so a new version of ciss is fetched at once."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["cache-control"] = "public, max-age=86400"
+        return response
+
+
+def assets_version(folder: Path) -> str:
+    """A short hash of every file in ``folder``, for the ``?v=`` of asset URLs."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def safe_file(root: Path, relative: str) -> Path | None:
     """``root/relative`` if it is a regular file inside ``root`` reached without any symbolic link.
 
@@ -115,6 +134,7 @@ class Dashboard:
         )
         self.templates.filters["pct"] = status.pct
         self.templates.filters["when"] = _when
+        self.templates.globals["assets"] = assets_version(HERE / "static")
         self.registry: Any = None
         self.charts = dashboard_data.ChartCache()
 
@@ -236,6 +256,6 @@ def create_app(ws: Workspace, settings: Settings) -> Starlette:
         Route("/api/actions/{action}", d.action, methods=["POST"]),
         Route("/metrics", d.prometheus),
         Route("/samples/{path:path}", d.sample),
-        Mount("/static", StaticFiles(directory=HERE / "static", follow_symlink=False), name="static"),
+        Mount("/static", Assets(directory=HERE / "static", follow_symlink=False), name="static"),
     ]
     return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
