@@ -414,6 +414,46 @@ def demo(
     run_demo(directory, incremental=steps, quick=quick, console=console)
 
 
+@app.command()
+@friendly
+def experiment(
+    dataset: Annotated[str, typer.Argument(help="voc (PASCAL VOC 2012) or ade (ADE20K).")],
+    protocol: Annotated[
+        str,
+        typer.Option(help="voc: 19-1, 15-5, 15-1, 10-1 or 5-3; ade: 100-50, 100-10 or 50-50."),
+    ],
+    root: Annotated[Path, typer.Option(help="VOCdevkit/VOC2012 or ADEChallengeData2016.")],
+    out: Annotated[Path, typer.Option(help="Results folder; running again resumes where it stopped.")] = Path(
+        "experiment-results"
+    ),
+    memory: Annotated[
+        bool, typer.Option(help="Also run DKD-M (exemplar memory: VOC 100, ADE20K 300 images).")
+    ] = False,
+    setting: Annotated[str, typer.Option(help="overlap or disjoint.")] = "overlap",
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML file of [model], [loss], [train] changes to the reference settings."),
+    ] = None,
+    eval_crop: Annotated[
+        int, typer.Option(help="Evaluation: short side resized to this, centre crop.")
+    ] = 512,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Reproduce a published protocol: DKD (and DKD-M), fine-tuning and joint training, the paper's table.
+
+    Trains every step with the reference settings of the paper, evaluates on the validation set, and writes
+    results.md (measured beside published figures, paper grouping), results.json and miou.png into --out.
+
+    Example: ciss experiment voc --protocol 15-1 --root data/VOCdevkit/VOC2012 --out runs/voc-15-1
+    """
+    from engine.reproduce import plan_run, reproduce
+
+    if setting not in ("overlap", "disjoint"):
+        raise CissError(f"--setting {setting!r}: choose overlap or disjoint")
+    options = {"memory": memory, "setting": setting, "eval_crop": eval_crop, "device": device}
+    reproduce(plan_run(dataset, protocol, root, out, config_path=config, **options), console=console)
+
+
 def main() -> None:
     app()
 

@@ -82,7 +82,7 @@ def evaluate_version(factory: sessionmaker[Session], model_dir: Path, settings: 
 
     Old classes are those of every step before the model's last one, new classes those of its last step.
     """
-    from engine.runner import BatchRef, evaluate_model, load_model, resolve_device
+    from engine.runner import BatchRef, eval_groups, evaluate_model, load_model, resolve_device
 
     device = resolve_device(settings.daemon.device)
     model, meta = load_model(model_dir, device)
@@ -98,11 +98,12 @@ def evaluate_version(factory: sessionmaker[Session], model_dir: Path, settings: 
     old = [c["id"] for c in meta["classes"] if c["step"] != last_step] or new
     metrics = evaluate_model(
         model,
-        batches,
+        eval_groups(batches),
         num_classes=model.num_classes,
         old_classes=old,
         new_classes=new if last_step > 0 else [],
         device=device,
+        base_classes=[c["id"] for c in meta["classes"] if c["step"] == 0],
     )
     return metrics, names
 

@@ -149,7 +149,7 @@ def run(job_dir: Path) -> int:
     progress = ProgressWriter(job_dir / PROGRESS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from engine.runner import evaluate_model, load_model, resolve_device, run_step
+        from engine.runner import eval_groups, evaluate_model, load_model, resolve_device, run_step
         from engine.train import new_class_ids
 
         request = request_from_json(json.loads((job_dir / REQUEST).read_text(encoding="utf-8")))
@@ -166,11 +166,12 @@ def run(job_dir: Path) -> int:
             new = new_class_ids(request.step_sizes)
             current = evaluate_model(
                 teacher,
-                request.eval_batches,
+                eval_groups(request.eval_batches),
                 num_classes=sum(request.step_sizes),
                 old_classes=list(range(1, new[0])),
                 new_classes=new,
                 device=device,
+                base_classes=list(range(1, request.step_sizes[0] + 1)),
             )
         assert result.metrics is not None
         write_json(

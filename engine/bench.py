@@ -67,7 +67,7 @@ from engine.synthetic import render_sample
 from engine.train import (
     Progress,
     StepModel,
-    _autocast_dtype,
+    autocast_dtype,
     build_optimizer,
     freeze_teacher,
     loss_terms,
@@ -177,7 +177,7 @@ def _time_on_device_batch(case: ThroughputCase, device: torch.device) -> tuple[l
     run_student, run_teacher = fast.compiled(student), fast.compiled(teacher)
     optimizer = build_optimizer(model, config, case.step_index)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=case.warmup + case.steps)
-    amp_dtype = _autocast_dtype(device, config.train.amp, fast)
+    amp_dtype = autocast_dtype(device, config, fast)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     new_classes = list(range(sum(model.step_sizes[:-1]) + 1, model.num_classes + 1))
     pos_weight = config.loss.pos_weight_base if case.step_index == 0 else config.loss.pos_weight_incremental

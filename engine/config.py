@@ -15,6 +15,7 @@ from engine.exceptions import ConfigError
 BACKBONES = ("resnet101", "resnet50", "resnet18", "mobilenet_v3_large")
 METHODS = ("dkd", "finetune", "kd", "kd_dkd_randinit")
 SETTINGS = ("overlap", "disjoint")
+AMP_DTYPES = ("float16", "bfloat16")
 
 T = TypeVar("T")
 
@@ -36,7 +37,9 @@ class ModelConfig:
 
     backbone: str = "resnet101"
     output_stride: int = 16
-    # None: random init; "imagenet": torchvision's weight enum (needs a download or a warm cache);
+    # None (or "none" in a settings file): random init; "imagenet": torchvision's weight enum (needs a
+    # download or a warm cache); "synthetic": pre-trained once on generated classes and cached
+    # (engine.pretrain; the CPU settings);
     # any other string: path to a local backbone state-dict file loaded with weights_only=True.
     pretrained: str | None = None
     head_dropout: float = 0.1
@@ -77,6 +80,10 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    # ADE20K: the learning rate rises linearly from warmup_factor x over the first warmup_fraction of the
+    # iterations (the reference's WarmupPolyLR: 0.2 and 0.001); VOC: 0, poly decay only.
+    warmup_fraction: float = 0.0
+    warmup_factor: float = 0.001
     epochs_base: int = 60
     epochs_incremental: int = 60
     batch_size: int = 32
@@ -84,7 +91,9 @@ class TrainConfig:
     scale_min: float = 0.5
     scale_max: float = 2.0
     bn_momentum_base: float = 0.01
-    amp: bool = True  # mixed precision where the device supports it (CUDA)
+    amp: bool = True  # mixed precision on CUDA; evaluation always runs in float32
+    # float16 with a gradient scaler, as the reference trains; bfloat16 (no scaler) where measured equal.
+    amp_dtype: str = "float16"
     setting: str = "overlap"
     memory_size: int = 0  # DKD-M exemplar memory; 0 disables it
     seed: int = 0
@@ -94,6 +103,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("train", "method", self.method, METHODS)
         _check_choice("train", "setting", self.setting, SETTINGS)
+        _check_choice("train", "amp_dtype", self.amp_dtype, AMP_DTYPES)
+        _check_range("train", "warmup_fraction", self.warmup_fraction, 0.0, 1.0)
+        _check_range("train", "warmup_factor", self.warmup_factor, 0.0, 1.0)
         for name in ("lr_base", "lr_incremental", "head_lr_mult", "weight_decay", "poly_power"):
             _check_range("train", name, getattr(self, name), 0.0)
         _check_range("train", "momentum", self.momentum, 0.0, 1.0)
@@ -154,6 +166,8 @@ def section_from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
         expected = type(getattr(defaults, name))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if name == "pretrained" and value == "none":
+            value = None  # TOML has no null: "none" asks for random init where the default names weights
         ok = value is None or isinstance(value, str) if name == "pretrained" else isinstance(value, expected)
         if not ok or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{section}.{name}: {value!r} should be of type {expected.__name__}")

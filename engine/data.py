@@ -25,7 +25,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
@@ -253,12 +252,51 @@ class Transform(Protocol):
     ) -> tuple[Tensor, Tensor]: ...
 
 
-class TrainTransform:
-    """method.md augmentation: random rescale, pad and random crop, horizontal flip, ImageNet normalisation.
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio bounds of the training crop (width / height)
+CROP_TRIES = 10
 
-    The image is padded with 0 after normalisation (the mean colour) and the mask with 255 (ignore), at the
-    bottom and right, when the rescaled image is smaller than the crop. Random draws, in order: scale,
-    crop top, crop left, flip, all from ``generator``, so a sample is a pure function of its seed.
+
+def random_crop_box(
+    width: int, height: int, scale: tuple[float, float], generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """A training crop ``(left, top, crop_width, crop_height)``, as torchvision's RandomResizedCrop draws it.
+
+    Up to ten tries of an area that is a uniform ``scale`` fraction of the image's and an aspect ratio
+    log-uniform in :data:`CROP_RATIO`, kept when the box fits inside the image, at a uniform position;
+    otherwise the whole image, centre-cropped to the nearest ratio bound. Never larger than the image,
+    so nothing is padded. Random numbers come from ``generator`` only.
+    """
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand(1, generator=generator).item()
+
+    area = width * height
+    log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for _ in range(CROP_TRIES):
+        target = area * uniform(*scale)
+        aspect = math.exp(uniform(log_low, log_high))
+        crop_w, crop_h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator))
+            return left, top, crop_w, crop_h
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        crop_w, crop_h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        crop_w, crop_h = round(height * CROP_RATIO[1]), height
+    else:
+        crop_w, crop_h = width, height
+    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+
+
+class TrainTransform:
+    """method.md augmentation: a random resized crop, a horizontal flip, ImageNet normalisation.
+
+    The crop box is :func:`random_crop_box` with an area of ``scale_min``..``scale_max`` times the
+    image's (0.5-2.0 in the reference), resized to ``crop_size`` x ``crop_size`` (bilinear for the
+    image, nearest for the mask); then a flip with probability 0.5. No pixel is padding. Random draws
+    come from ``generator`` only, so a sample is a pure function of its seed.
     """
 
     def __init__(self, crop_size: int, scale_min: float = 0.5, scale_max: float = 2.0) -> None:
@@ -276,48 +314,55 @@ class TrainTransform:
     ) -> tuple[Tensor, Tensor]:
         if generator is None:
             raise ValueError("TrainTransform needs a torch.Generator so that augmentation is reproducible")
-        crop = self.crop_size
-        scale = self.scale_min + (self.scale_max - self.scale_min) * torch.rand(1, generator=generator).item()
         width, height = image.size
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BILINEAR)
-        mask = mask.resize(size, Image.Resampling.NEAREST)
-
-        pixels = normalize_image(image)  # (3, h, w)
-        labels = _mask_tensor(mask)  # (h, w)
-        pad_h, pad_w = max(0, crop - size[1]), max(0, crop - size[0])
-        if pad_h or pad_w:
-            pixels = F.pad(pixels, (0, pad_w, 0, pad_h), value=0.0)
-            labels = F.pad(labels, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        top = int(torch.randint(0, pixels.shape[1] - crop + 1, (1,), generator=generator))
-        left = int(torch.randint(0, pixels.shape[2] - crop + 1, (1,), generator=generator))
-        pixels = pixels[:, top : top + crop, left : left + crop]
-        labels = labels[top : top + crop, left : left + crop]
+        left, top, crop_w, crop_h = random_crop_box(
+            width, height, (self.scale_min, self.scale_max), generator
+        )
+        box = (left, top, left + crop_w, top + crop_h)
+        size = (self.crop_size, self.crop_size)
+        image = image.resize(size, Image.Resampling.BILINEAR, box=box)
+        mask = mask.resize(size, Image.Resampling.NEAREST, box=box)
+        pixels = normalize_image(image)  # (3, crop, crop)
+        labels = _mask_tensor(mask)  # (crop, crop)
         if torch.rand(1, generator=generator).item() < 0.5:
             pixels, labels = pixels.flip(-1), labels.flip(-1)
         return pixels.contiguous(), labels.contiguous()
 
 
 class EvalTransform:
-    """No augmentation: ImageNet normalisation, and optionally shrink so the longer side is ``max_size``.
+    """No augmentation: ImageNet normalisation, and optionally a smaller size.
 
-    The mask is resized with nearest neighbour, so scores are computed at the reduced size.
+    ``max_size`` shrinks the image so that its longer side is at most that (the daemon's evaluation);
+    ``crop`` resizes it so that the shorter side is ``crop`` and cuts the centred ``crop`` x ``crop``
+    square (the reference's test transform, on which the published figures are measured). The mask is
+    resized with nearest neighbour, so scores are computed at the reduced size.
     """
 
-    def __init__(self, max_size: int | None = None) -> None:
-        if max_size is not None and max_size < 1:
-            raise ConfigError(f"EvalTransform: max_size {max_size} must be >= 1 or None")
+    def __init__(self, max_size: int | None = None, crop: int | None = None) -> None:
+        for name, value in (("max_size", max_size), ("crop", crop)):
+            if value is not None and value < 1:
+                raise ConfigError(f"EvalTransform: {name} {value} must be >= 1 or None")
         self.max_size = max_size
+        self.crop = crop
 
     def __call__(
         self, image: Image.Image, mask: Image.Image, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         width, height = image.size
-        if self.max_size is not None and max(width, height) > self.max_size:
+        factor = None
+        if self.crop is not None:
+            factor = self.crop / min(width, height)
+        elif self.max_size is not None and max(width, height) > self.max_size:
             factor = self.max_size / max(width, height)
+        if factor is not None and factor != 1:
             size = (max(1, round(width * factor)), max(1, round(height * factor)))
             image = image.resize(size, Image.Resampling.BILINEAR)
             mask = mask.resize(size, Image.Resampling.NEAREST)
+        if self.crop is not None:
+            width, height = image.size
+            left, top = (width - self.crop) // 2, (height - self.crop) // 2
+            box = (left, top, left + self.crop, top + self.crop)
+            image, mask = image.crop(box), mask.crop(box)
         return normalize_image(image), _mask_tensor(mask)
 
 
@@ -718,12 +763,15 @@ def protocol_dataset(
     transform: Transform,
     *,
     setting: str = "overlap",
+    present: Sequence[set[int]] | None = None,
 ) -> SegmentationFiles:
     """Step ``step`` of a standard protocol as a dataset of global class ids.
 
     Train split: the images :func:`filter_indices` keeps for the setting, labelled with the step's
     classes only (others become background). Val split: every image, labelled with the classes seen up
-    to this step (classes not yet seen become background, method.md).
+    to this step; classes not yet seen become background (VOC) or ignore (ADE20K), as the reference
+    evaluates (method.md). ``present`` (the label sets of every training image, in list order) saves
+    reading every mask again.
     """
     steps = protocol_steps(dataset, protocol)
     if not 0 <= step < len(steps):
@@ -732,8 +780,19 @@ def protocol_dataset(
     pairs = dataset_pairs(dataset, root, split)
     if split == "val":
         seen = [c for s in steps[: step + 1] for c in s]
-        return SegmentationFiles(pairs, identity_lut(num_classes, seen), transform)
+        return SegmentationFiles(pairs, seen_lut(dataset, seen), transform)
     future = [c for s in steps[step + 1 :] for c in s]
-    full = SegmentationFiles(pairs, identity_lut(num_classes), transform)
-    kept = filter_indices(label_sets(full), steps[step], future, setting)
+    if present is None:
+        present = label_sets(SegmentationFiles(pairs, identity_lut(num_classes), transform))
+    kept = filter_indices(present, steps[step], future, setting)
     return SegmentationFiles([pairs[i] for i in kept], identity_lut(num_classes, steps[step]), transform)
+
+
+def seen_lut(dataset: str, seen: Collection[int]) -> Tensor:
+    """The evaluation LUT of a standard dataset after the classes ``seen``: unseen classes become
+    background on VOC and ignore (255) on ADE20K, as the reference does."""
+    lut = identity_lut(len(DATASET_CLASSES[dataset]), seen)
+    if dataset == "ade":
+        unseen = ~torch.isin(torch.arange(256), torch.tensor([0, *seen]))
+        lut[unseen] = IGNORE_INDEX
+    return lut

@@ -8,6 +8,7 @@ label are not counted against it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -194,43 +195,64 @@ class PartialLabelScorer:
 
 
 @dataclass
+class Grouping:
+    """mIoU of one split of the classes into old and new, and their harmonic mean."""
+
+    miou_old: float
+    miou_new: float
+    hiou: float
+
+
+@dataclass
 class Metrics:
-    """Per-class IoU and the summary numbers of method.md; NaN marks a number that is undefined."""
+    """Per-class IoU and the summary numbers of method.md; NaN marks a number that is undefined.
+
+    Two groupings of the same IoUs: the fields ``miou_old``, ``miou_new`` and ``hiou`` are the gate's
+    (old = background and every class before the step, new = the step's classes); ``paper`` is the
+    paper's (old = background and the base classes C_0, new = every later class), which results compared
+    with published figures must use. ``miou_all`` is the same in both.
+    """
 
     iou: dict[int, float]  # class id (0 = background) -> IoU
     miou_old: float
     miou_new: float
     miou_all: float
     hiou: float
+    paper: Grouping | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly form: class ids as strings, NaN as None."""
-
-        def clean(value: float) -> float | None:
-            return None if math.isnan(value) else value
-
-        return {
-            "iou": {str(k): clean(v) for k, v in self.iou.items()},
-            "miou_old": clean(self.miou_old),
-            "miou_new": clean(self.miou_new),
-            "miou_all": clean(self.miou_all),
-            "hiou": clean(self.hiou),
+        """A JSON-friendly form: class ids as strings, NaN as None; the paper grouping under "paper"."""
+        data: dict[str, Any] = {
+            "iou": {str(k): _clean(v) for k, v in self.iou.items()},
+            "miou_old": _clean(self.miou_old),
+            "miou_new": _clean(self.miou_new),
+            "miou_all": _clean(self.miou_all),
+            "hiou": _clean(self.hiou),
         }
+        if self.paper is not None:
+            data["paper"] = {name: _clean(value) for name, value in dataclasses.asdict(self.paper).items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Metrics:
-        """The inverse of :meth:`to_dict`."""
-
-        def restore(value: float | None) -> float:
-            return math.nan if value is None else float(value)
-
+        """The inverse of :meth:`to_dict` (metrics saved before the paper grouping existed have none)."""
+        paper = data.get("paper")
         return cls(
-            iou={int(k): restore(v) for k, v in data["iou"].items()},
-            miou_old=restore(data["miou_old"]),
-            miou_new=restore(data["miou_new"]),
-            miou_all=restore(data["miou_all"]),
-            hiou=restore(data["hiou"]),
+            iou={int(k): _restore(v) for k, v in data["iou"].items()},
+            miou_old=_restore(data["miou_old"]),
+            miou_new=_restore(data["miou_new"]),
+            miou_all=_restore(data["miou_all"]),
+            hiou=_restore(data["hiou"]),
+            paper=None if paper is None else Grouping(**{k: _restore(v) for k, v in paper.items()}),
         )
+
+
+def _clean(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _restore(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -238,28 +260,9 @@ def _nanmean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def summarize(
-    iou: Tensor | Mapping[int, float], old_classes: Sequence[int], new_classes: Sequence[int]
-) -> Metrics:
-    """mIoU over old, new and all classes, and their harmonic mean hIoU.
-
-    ``iou`` maps class id to IoU (a ``(C,)`` tensor indexed by id, or a mapping). ``old`` is background plus
-    ``old_classes``, ``new`` is ``new_classes``, ``all`` is both. The product passes every class before the
-    current step as old and the step's classes as new; the paper's tables take old = C_0 and new = C_1..C_t.
-    NaN IoUs (classes never seen in target nor prediction) are left out of the means. A mean over no defined
-    value is NaN, and so is hIoU when either mean is NaN: at step 0 (no new classes) only the old and all
-    means exist. hIoU is 0 when both means are 0.
-    """
-    old = [0, *old_classes]
-    new = list(new_classes)
-    ids = old + new
-    if len(set(ids)) != len(ids) or any(k < 1 for k in ids[1:]):
-        raise ValueError(f"old {list(old_classes)} and new {new} classes must be distinct ids >= 1")
-    values = {int(k): float(v) for k, v in enumerate(iou.tolist())} if isinstance(iou, Tensor) else dict(iou)
-    missing = [k for k in ids if k not in values]
-    if missing:
-        raise ValueError(f"no IoU given for classes {missing}")
-    per_class = {k: float(values[k]) for k in sorted(ids)}
+def _grouping(per_class: Mapping[int, float], old: Sequence[int], new: Sequence[int]) -> Grouping:
+    """Means over ``old`` and ``new`` (NaN IoUs left out), and hIoU: NaN when either mean is NaN, 0 when
+    both are 0."""
     miou_old = _nanmean([per_class[k] for k in old])
     miou_new = _nanmean([per_class[k] for k in new])
     if math.isnan(miou_old) or math.isnan(miou_new):
@@ -268,12 +271,50 @@ def summarize(
         hiou = 0.0
     else:
         hiou = 2 * miou_old * miou_new / (miou_old + miou_new)
+    return Grouping(miou_old, miou_new, hiou)
+
+
+def summarize(
+    iou: Tensor | Mapping[int, float],
+    old_classes: Sequence[int],
+    new_classes: Sequence[int],
+    *,
+    base_classes: Sequence[int] | None = None,
+) -> Metrics:
+    """mIoU over old, new and all classes, and their harmonic mean hIoU, in both groupings.
+
+    ``iou`` maps class id to IoU (a ``(C,)`` tensor indexed by id, or a mapping). The gate's grouping:
+    old is background plus ``old_classes``, new is ``new_classes``; the product passes every class before
+    the current step as old and the step's classes as new. With ``base_classes`` (C_0) the paper's
+    grouping is added too: old is background plus C_0, new every other class of ``old_classes`` and
+    ``new_classes``. NaN IoUs (classes never seen in target nor prediction) are left out of the means. A
+    mean over no defined value is NaN, and so is hIoU when either mean is NaN: at step 0 (no new classes)
+    only the old and all means exist. hIoU is 0 when both means are 0.
+    """
+    old = [0, *old_classes]
+    new = list(new_classes)
+    ids = old + new
+    if len(set(ids)) != len(ids) or any(k < 1 for k in ids[1:]):
+        raise ValueError(f"old {list(old_classes)} and new {new} classes must be distinct ids >= 1")
+    if base_classes is not None and not set(base_classes) <= set(ids[1:]):
+        raise ValueError(f"base classes {list(base_classes)} must be among old and new classes {ids[1:]}")
+    values = {int(k): float(v) for k, v in enumerate(iou.tolist())} if isinstance(iou, Tensor) else dict(iou)
+    missing = [k for k in ids if k not in values]
+    if missing:
+        raise ValueError(f"no IoU given for classes {missing}")
+    per_class = {k: float(values[k]) for k in sorted(ids)}
+    gate = _grouping(per_class, old, new)
+    paper = None
+    if base_classes is not None:
+        base = set(base_classes)
+        paper = _grouping(per_class, [0, *sorted(base)], [k for k in sorted(ids[1:]) if k not in base])
     return Metrics(
         iou=per_class,
-        miou_old=miou_old,
-        miou_new=miou_new,
+        miou_old=gate.miou_old,
+        miou_new=gate.miou_new,
         miou_all=_nanmean(list(per_class.values())),
-        hiou=hiou,
+        hiou=gate.hiou,
+        paper=paper,
     )
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,12 +26,15 @@ from rich.table import Table
 
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
 from engine.data import read_manifest
-from engine.evaluate import Metrics
+from engine.evaluate import Metrics, summarize
 from engine.runner import BatchRef, StepRequest, run_step
 from engine.synthetic import generate_batches
 from engine.train import Progress as TrainProgress
 
+ABLATION_METHODS = ("finetune", "kd", "kd_dkd_randinit", "dkd")
 METHOD_LABELS = {
+    "base": "base model (step 0)",
+    "joint": "joint training (every class at once)",
     "finetune": "fine-tuning (mBCE + AC)",
     "kd": "+ KD",
     "kd_dkd_randinit": "+ KD + DKD, random new-head init",
@@ -189,69 +193,217 @@ def demo(out: Path, *, seed: int = 0) -> list[Metrics]:
     return results
 
 
-def ablation(
-    out: Path, *, protocol_name: str = "10-2-2-2-2", seed: int = 0, pos_weight: float = 10.0
+@dataclasses.dataclass(frozen=True)
+class AblationData:
+    """How the generated data of an ablation is made (per seed)."""
+
+    protocol: str = "4-2-2"
+    train_per_step: int = 64
+    val_per_step: int = 12
+    image_size: int = 64
+    eval_images: int = 60
+
+
+def paper_view(m: Metrics, step_sizes: Sequence[int]) -> Metrics:
+    """``m`` regrouped as the paper does: old = background + C_0, new = every later class."""
+    total = sum(step_sizes)
+    base = list(range(1, step_sizes[0] + 1))
+    return summarize(m.iou, base, list(range(step_sizes[0] + 1, total + 1)), base_classes=base)
+
+
+def ablation_seed(
+    out: Path,
+    data: AblationData,
+    *,
+    seed: int,
+    config: EngineConfig,
+    methods: Sequence[str] = ABLATION_METHODS,
+    console: Console | None = None,
 ) -> dict[str, Metrics]:
-    """Fine-tuning, KD, KD + DKD with random new heads, full DKD: metrics after the last step of each."""
-    console = Console()
-    started = time.monotonic()
-    folders = generate_batches(out / "data", protocol_name, train_per_step=64, val_per_step=12, seed=seed)
-    protocol = load_protocol(folders)
-    base = run_protocol(
-        dataclasses.replace(protocol, steps=protocol.steps[:1]), cpu_config(), out / "base", console=console
+    """One seed of the ablation: a shared base model, each method over the protocol, and joint training.
+
+    Returns metrics after the last step, in the paper's grouping, for "base" (regrouped: its new classes
+    are unknown to it and score 0), every method, and "joint".
+    """
+    console = console or Console()
+    common = dict(
+        train_per_step=data.train_per_step,
+        val_per_step=data.val_per_step,
+        image_size=data.image_size,
+        seed=seed,
     )
-    final: dict[str, Metrics] = {}
-    for method in ("finetune", "kd", "kd_dkd_randinit", "dkd"):
+    folders = generate_batches(out / "data", data.protocol, eval_batch=data.eval_images, **common)
+    joint_folders = generate_batches(
+        out / "joint-data", data.protocol, full_labels=True, prefix="joint", **common
+    )
+    protocol = load_protocol(folders)
+    sizes = protocol.step_sizes
+    base_run = dataclasses.replace(protocol, steps=protocol.steps[:1])
+    base = run_protocol(
+        base_run,
+        dataclasses.replace(config, train=dataclasses.replace(config.train, method="dkd")),
+        out / "base",
+        console=console,
+        label=f"seed {seed} base: ",
+    )[0]
+    final: dict[str, Metrics] = {"base": paper_view(base_on_all_classes(base, sizes), sizes)}
+    for method in methods:
+        method_config = dataclasses.replace(config, train=dataclasses.replace(config.train, method=method))
         results = run_protocol(
             protocol,
-            cpu_config(method, pos_weight=pos_weight),
+            method_config,
             out / method,
             base_model=out / "base" / "step-00" / "model",
             console=console,
-            label=f"{method}: ",
+            label=f"seed {seed} {method}: ",
         )
-        final[method] = results[-1]
+        final[method] = paper_view(results[-1], sizes)
+    total = sum(sizes)
+    joint = Protocol(
+        steps=[BatchRef("joint", f, {k: k for k in range(1, total + 1)}) for f in joint_folders],
+        evals=protocol.evals,
+        class_names=protocol.class_names,
+        step_sizes=[total],
+    )
+    final["joint"] = paper_view(
+        run_joint(joint, protocol, config, out / "joint", console=console, label=f"seed {seed} joint: "),
+        sizes,
+    )
+    return final
+
+
+def base_on_all_classes(m: Metrics, step_sizes: Sequence[int]) -> Metrics:
+    """The base model's metrics with every later class at IoU 0: it never predicts them."""
+    iou = {k: m.iou.get(k, 0.0) for k in range(sum(step_sizes) + 1)}
+    return dataclasses.replace(m, iou=iou)
+
+
+def run_joint(
+    joint: Protocol, protocol: Protocol, config: EngineConfig, workdir: Path, *, console: Console, label: str
+) -> Metrics:
+    """Joint training (method.md): one step 0 over every class with full labels, step 0's schedule."""
+    request = StepRequest(
+        step_index=0,
+        step_sizes=joint.step_sizes,
+        class_names=joint.class_names,
+        train_batches=joint.steps,
+        eval_batches=protocol.steps + protocol.evals,
+        teacher_dir=None,
+        workdir=workdir / "job",
+        output_dir=workdir / "model",
+        config=config,
+    )
+    result = run_step(request)
+    assert result.metrics is not None
+    console.print(f"{label}{format_metrics(result.metrics)}")
+    return result.metrics
+
+
+def gap_closure(final: Mapping[str, Metrics], method: str = "dkd") -> float:
+    """The share of the gap from fine-tuning to joint training in mIoU all that ``method`` closes."""
+    low, high = final["finetune"].miou_all, final["joint"].miou_all
+    return (final[method].miou_all - low) / (high - low) if high != low else math.nan
+
+
+def ablation(
+    out: Path,
+    *,
+    data: AblationData = AblationData(),
+    seeds: Sequence[int] = (0, 1),
+    config: EngineConfig | None = None,
+) -> dict[int, dict[str, Metrics]]:
+    """Fine-tuning, KD, KD + DKD with random new heads, full DKD and joint training, for each seed.
+
+    Writes ``results.json`` and ``results.md`` (the paper's grouping, gap closure, mean and spread
+    over seeds) into ``out``.
+    """
+    console = Console()
+    config = config or cpu_config()
+    started = time.monotonic()
+    runs = {
+        seed: ablation_seed(out / f"seed-{seed}", data, seed=seed, config=config, console=console)
+        for seed in seeds
+    }
     minutes = (time.monotonic() - started) / 60
-    rows = [(METHOD_LABELS[m], v) for m, v in final.items()]
-    title = f"Ablation, generated data, {protocol_name}, pos_weight {pos_weight:g}, after the last step"
-    console.print(metrics_table(title, rows))
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )
+    markdown = ablation_markdown(runs, data, config)
+    console.print(markdown)
     summary = {
-        "protocol": protocol_name,
-        "seed": seed,
-        "pos_weight_incremental": pos_weight,
+        "data": dataclasses.asdict(data),
+        "config": config.to_dict(),
+        "seeds": list(seeds),
         "minutes": round(minutes, 1),
         "machine": machine,
-        "base": base[0].to_dict(),
-        "final": {m: v.to_dict() for m, v in final.items()},
+        "runs": {str(seed): {name: m.to_dict() for name, m in final.items()} for seed, final in runs.items()},
+        "gap_closure": {str(seed): gap_closure(final) for seed, final in runs.items()},
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| method | mIoU old | mIoU new | mIoU all | hIoU |", "|---|---|---|---|---|"]
-    lines += [
-        f"| {name} | {pct(m.miou_old)} | {pct(m.miou_new)} | {pct(m.miou_all)} | {pct(m.hiou)} |"
-        for name, m in rows
+    (out / "results.md").write_text(markdown + f"\n{minutes:.1f} minutes on {machine}\n")
+    return runs
+
+
+def ablation_markdown(
+    runs: Mapping[int, Mapping[str, Metrics]], data: AblationData, config: EngineConfig
+) -> str:
+    """The ablation table: mean and spread (min-max) over seeds of each figure, paper grouping."""
+    names = ["base", *ABLATION_METHODS, "joint"]
+    lines = [
+        f"Protocol {data.protocol}, {data.train_per_step} training images per step at {data.image_size} px, "
+        f"{data.eval_images}-image evaluation set; seeds {', '.join(map(str, runs))}; after the last step; "
+        "paper grouping (old = background + base classes, new = later classes); mean [min-max] over seeds.",
+        "",
+        "| method | mIoU old | mIoU new | mIoU all | hIoU |",
+        "|---|---|---|---|---|",
     ]
-    (out / "results.md").write_text("\n".join(lines) + f"\n\n{minutes:.1f} minutes on {machine}\n")
-    return final
+    for name in names:
+        cells = []
+        for field in ("miou_old", "miou_new", "miou_all", "hiou"):
+            values = [getattr(final[name], field) for final in runs.values()]
+            cells.append(spread(values))
+        lines.append(f"| {METHOD_LABELS.get(name, name)} | {' | '.join(cells)} |")
+    closures = [gap_closure(final) for final in runs.values()]
+    lines += [
+        "",
+        f"DKD closes {spread(closures)} % of the gap from fine-tuning to joint training (mIoU all).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def spread(values: Sequence[float]) -> str:
+    """``mean [min-max]`` in percent, NaNs left out."""
+    finite = [v for v in values if v == v]
+    if not finite:
+        return "-"
+    mean = sum(finite) / len(finite)
+    if len(finite) == 1:
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} [{100 * min(finite):.1f}-{100 * max(finite):.1f}]"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.experiment", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("demo", "ablation"))
     parser.add_argument("--out", type=Path, required=True, help="folder for data, models and results")
-    parser.add_argument("--protocol", default="10-2-2-2-2", help="ablation protocol, e.g. 10-2-2-2-2 or 15-1")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--pos-weight", type=float, default=10.0, help="ablation: mBCE pos_weight of incremental steps"
-    )
+    parser.add_argument("--protocol", default=AblationData.protocol, help="ablation protocol, e.g. 4-2-2")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="ablation seeds")
+    parser.add_argument("--seed", type=int, default=0, help="demo seed")
+    parser.add_argument("--pretrained", default=None, help="model.pretrained of the CPU settings")
+    parser.add_argument("--train-per-step", type=int, default=AblationData.train_per_step)
     args = parser.parse_args(argv)
     if args.what == "demo":
         demo(args.out, seed=args.seed)
     else:
-        ablation(args.out, protocol_name=args.protocol, seed=args.seed, pos_weight=args.pos_weight)
+        config = cpu_config()
+        if args.pretrained is not None:
+            config = dataclasses.replace(
+                config, model=dataclasses.replace(config.model, pretrained=args.pretrained)
+            )
+        data = AblationData(protocol=args.protocol, train_per_step=args.train_per_step)
+        ablation(args.out, data=data, seeds=args.seeds, config=config)
 
 
 if __name__ == "__main__":

@@ -134,8 +134,13 @@ def load_backbone_weights(
     backbone.load_state_dict(weights)
 
 
-def _read_pretrained(pretrained: str, backbone_name: str) -> tuple[dict[str, Tensor], str]:
-    """The state dict that a ``model.pretrained`` value names, and a description of where it came from."""
+def _read_pretrained(config: ModelConfig) -> tuple[dict[str, Tensor], str]:
+    """The state dict that ``config.pretrained`` names, and a description of where it came from."""
+    pretrained, backbone_name = str(config.pretrained), config.backbone
+    if pretrained == "synthetic":
+        from engine.pretrain import synthetic_backbone  # trains the backbone with this module's model
+
+        pretrained = str(synthetic_backbone(backbone_name, config.output_stride))
     if pretrained == "imagenet":
         enum = _MOBILENET_WEIGHTS if backbone_name == "mobilenet_v3_large" else _RESNETS[backbone_name][1]
         source = f"model.pretrained: torchvision {backbone_name} {enum}"
@@ -188,6 +193,11 @@ class DKDSegmenter(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.aux_classifier = nn.Conv2d(FEATURE_CHANNELS, 1, 1, bias=True)
+        # The reference's init (method.md): Kaiming-normal weights for the ASPP, the 3x3 head conv and
+        # every classifier; PyTorch's default is about 2.4x narrower. Biases keep PyTorch's default.
+        for module in (*self.head.modules(), self.aux_classifier):
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
         self.classifiers = nn.ModuleList()
         for size in step_sizes:
             self.add_step(size, init_from_aux=False)
@@ -221,7 +231,7 @@ class DKDSegmenter(nn.Module):
         """Append the classifier g_t of ``num_new`` classes.
 
         With ``init_from_aux`` every output row (weight and bias) starts as a copy of the auxiliary
-        classifier, as method.md prescribes for t >= 1; otherwise PyTorch's default init.
+        classifier, as method.md prescribes for t >= 1; otherwise Kaiming-normal weights.
         """
         if num_new < 1:
             raise ValueError(f"num_new: {num_new} must be at least 1")
@@ -233,22 +243,37 @@ class DKDSegmenter(nn.Module):
             with torch.no_grad():
                 classifier.weight.copy_(aux.weight.expand_as(classifier.weight))
                 classifier.bias.copy_(aux.bias.expand_as(classifier.bias))
+        else:
+            nn.init.kaiming_normal_(classifier.weight)
         self.classifiers.append(classifier)
         self.step_sizes.append(num_new)
 
-    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    def parameter_groups(
+        self, *, freeze_bn_affine: bool = False
+    ) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
         """Trainable parameters split for the optimiser, each exactly once.
 
         Returns (backbone, head + auxiliary classifier + old classifiers, newest classifier). The backbone
         gets the base learning rate and the rest 10x; at t >= 1 only the newest classifier has weight decay.
+        ``freeze_bn_affine`` (t >= 1, as the reference) leaves every BatchNorm weight and bias out.
         """
+        frozen = set()
+        if freeze_bn_affine:
+            frozen = {
+                id(p)
+                for m in self.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for p in m.parameters(recurse=False)
+            }
         old_classifiers = self.classifiers[:-1]
         groups = (
             self.backbone.parameters(),
             [*self.head.parameters(), *self.aux_classifier.parameters(), *old_classifiers.parameters()],
             self.classifiers[-1].parameters(),
         )
-        backbone, head, newest = ([p for p in group if p.requires_grad] for group in groups)
+        backbone, head, newest = (
+            [p for p in group if p.requires_grad and id(p) not in frozen] for group in groups
+        )
         return backbone, head, newest
 
 
@@ -256,7 +281,7 @@ def build_model(config: ModelConfig, step_sizes: Sequence[int]) -> DKDSegmenter:
     """A new segmenter whose backbone holds the weights ``config.pretrained`` names (None: random init)."""
     model = DKDSegmenter(config, step_sizes)
     if config.pretrained is not None:
-        state_dict, source = _read_pretrained(config.pretrained, config.backbone)
+        state_dict, source = _read_pretrained(config)
         load_backbone_weights(model.backbone, state_dict, backbone_name=config.backbone, source=source)
     return model
 

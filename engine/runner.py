@@ -33,6 +33,8 @@ from engine.exceptions import CheckpointError, ConfigError, DataError
 from engine.model import DKDSegmenter, build_model, upsample
 from engine.train import Progress, TrainResult, new_class_ids, train_step
 
+EvalGroup = tuple[str, set[int] | None, Dataset]  # (name, labelled classes or None: all, dataset)
+
 
 @dataclass(frozen=True)
 class BatchRef:
@@ -66,6 +68,10 @@ class StepRequest:
     config: EngineConfig
     device: str = "auto"
     memory_batches: list[BatchRef] = field(default_factory=list)  # earlier training batches, for DKD-M
+    # Classes of later steps, where known (protocol runs): the disjoint setting drops images showing one.
+    future_classes: list[int] = field(default_factory=list)
+    # Evaluation images resized so the short side is this, then centre-cropped square (paper protocols).
+    eval_crop: int | None = None
 
 
 @dataclass
@@ -125,47 +131,81 @@ def save_trained_model(
     return save_model(directory, model.state_dict(), meta)
 
 
+@dataclass
+class StepData:
+    """The datasets of one step, when they do not come from the request's batch folders.
+
+    Protocol runs on PASCAL VOC or ADE20K (``engine.reproduce``) build them from the standard layouts.
+    """
+
+    train: SegmentationFiles  # this step's training images, labels of C_t only (others background)
+    evaluation: list[EvalGroup]
+    # DKD-M candidates: earlier training images, as (ground truth without augmentation, training view).
+    memory_pool: tuple[SegmentationFiles, SegmentationFiles] | None = None
+
+
 def training_dataset(
     request: StepRequest, teacher: DKDSegmenter | None, device: torch.device
 ) -> SegmentationFiles:
     """The step's training set: labels outside C_t become background, images without C_t are dropped.
 
-    The overlap setting keeps every image with a pixel of a new class. The disjoint setting, which also
-    needs to know future classes, applies to protocol experiments only and is done by their caller.
-    With ``memory_size`` > 0 a class-balanced DKD-M memory of earlier training images is added.
+    The overlap setting keeps every image with a pixel of a new class; the disjoint setting also drops
+    images with a pixel of ``request.future_classes`` (a batch labels only its own classes, so only
+    labels can show a future class: protocol runs know them, the daemon does not). With ``memory_size``
+    > 0 a class-balanced DKD-M memory of earlier training images is added.
     """
     train = request.config.train
     new = new_class_ids(request.step_sizes)
     transform = TrainTransform(train.crop_size, train.scale_min, train.scale_max)
     refs = [(b.folder, b.value_map) for b in request.train_batches]
-    current = batch_dataset(refs, "train", transform, keep=new)
-    kept = filter_indices(label_sets(current), new, (), "overlap")
+    # Label sets with every declared class visible, so that future classes can be seen.
+    present = label_sets(batch_dataset(refs, "train", transform))
+    kept = filter_indices(present, new, request.future_classes, train.setting)
     if not kept:
         raise DataError(
             f"step {request.step_index}: no training image contains a pixel of the new classes {new}"
+            + (" without a future class (disjoint setting)" if train.setting == "disjoint" else "")
         )
-    dataset = current.subset(kept)
-    if train.memory_size > 0 and request.memory_batches and teacher is not None:
-        memory = memory_dataset(request, teacher, device, transform, new)
-        if memory is not None:
-            dataset = SegmentationFiles(dataset.pairs + memory.pairs, dataset.luts + memory.luts, transform)
+    dataset = batch_dataset(refs, "train", transform, keep=new).subset(kept)
+    if request.memory_batches:
+        memory_refs = [(b.folder, b.value_map) for b in request.memory_batches]
+        pool = (
+            batch_dataset(memory_refs, "train", EvalTransform()),
+            batch_dataset(memory_refs, "train", transform, keep=new),
+        )
+        dataset = with_memory(dataset, pool, request, teacher, device)
     return dataset
 
 
+def with_memory(
+    dataset: SegmentationFiles,
+    pool: tuple[SegmentationFiles, SegmentationFiles],
+    request: StepRequest,
+    teacher: DKDSegmenter | None,
+    device: torch.device,
+) -> SegmentationFiles:
+    """``dataset`` plus the DKD-M memory chosen from ``pool`` when ``train.memory_size`` > 0."""
+    if request.config.train.memory_size == 0 or teacher is None or not len(pool[0]):
+        return dataset
+    memory = memory_dataset(pool, request, teacher, device)
+    if memory is None:
+        return dataset
+    return SegmentationFiles(dataset.pairs + memory.pairs, dataset.luts + memory.luts, dataset.transform)
+
+
 def memory_dataset(
+    pool: tuple[SegmentationFiles, SegmentationFiles],
     request: StepRequest,
     teacher: DKDSegmenter,
     device: torch.device,
-    transform: TrainTransform,
-    new: list[int],
 ) -> SegmentationFiles | None:
     """DKD-M: choose ``memory_size`` earlier training images balanced over old classes (method.md).
 
-    An image's classes are its ground truth plus, from step 2 on, the teacher's confident pseudo-labels
-    (background pixels whose top sigmoid score is >= 0.9).
+    ``pool`` is the candidates twice: as ground truth without augmentation, and as the training view
+    (labels of the new classes only). An image's classes are its ground truth plus, from step 2 on, the
+    teacher's confident pseudo-labels (background pixels whose top sigmoid score is >= 0.9).
     """
-    refs = [(b.folder, b.value_map) for b in request.memory_batches]
-    plain = batch_dataset(refs, "train", EvalTransform())
+    plain, training_view = pool
     candidates = label_sets(plain)
     if request.step_index >= 2:
         teacher.eval()
@@ -173,26 +213,24 @@ def memory_dataset(
             for i in range(len(plain)):
                 image, label = plain[i]
                 logits = upsample(teacher(image[None].to(device)).logits, tuple(label.shape))
-                candidates[i] |= set(pseudo_label(label[None].to(device), logits).unique().tolist()) - {
-                    0,
-                    255,
-                }
+                found = pseudo_label(label[None].to(device), logits).unique().tolist()
+                candidates[i] |= set(found) - {0, 255}
+    new = new_class_ids(request.step_sizes)
     old = list(range(1, new[0]))
     generator = torch.Generator().manual_seed(request.config.train.seed + request.step_index)
     chosen = build_memory(candidates, old, request.config.train.memory_size, generator)
-    if not chosen:
-        return None
-    return batch_dataset(refs, "train", transform, keep=new).subset(chosen)
+    return training_view.subset(chosen) if chosen else None
 
 
 def eval_groups(
-    batches: Sequence[BatchRef], *, max_size: int | None = None
-) -> list[tuple[str, set[int] | None, Dataset]]:
+    batches: Sequence[BatchRef], *, max_size: int | None = None, crop: int | None = None
+) -> list[EvalGroup]:
     """One evaluation group per batch: held-out images of a training batch, or a whole "eval" batch."""
     groups = []
+    transform = EvalTransform(max_size=max_size, crop=crop)
     for ref in batches:
         split = "train" if ref.kind == "eval" else "val"
-        dataset = batch_dataset([(ref.folder, ref.value_map)], split, EvalTransform(max_size=max_size))
+        dataset = batch_dataset([(ref.folder, ref.value_map)], split, transform)
         if len(dataset):
             groups.append((ref.name, ref.labelled, dataset))
     return groups
@@ -200,25 +238,27 @@ def eval_groups(
 
 def evaluate_model(
     model: DKDSegmenter,
-    batches: Sequence[BatchRef],
+    groups: Sequence[EvalGroup],
     *,
     num_classes: int,
     old_classes: Sequence[int],
     new_classes: Sequence[int],
     device: torch.device,
-    max_size: int | None = None,
+    base_classes: Sequence[int] | None = None,
 ) -> Metrics:
-    """IoU per class and mIoU old/new/all and hIoU of ``model`` on the held-out data of ``batches``.
+    """IoU per class and mIoU old/new/all and hIoU of ``model`` on evaluation ``groups`` (for batch
+    folders, :func:`eval_groups` makes them).
 
     ``num_classes`` counts every class taught so far (without background); a model that knows fewer
-    classes (the current model, when scoring a candidate) simply never predicts the others.
+    classes (the current model, when scoring a candidate) simply never predicts the others. With
+    ``base_classes`` the paper's grouping is reported too. Evaluation runs in float32 (method.md).
     """
     loaders = [
         (name, labelled, DataLoader(dataset, batch_size=1, num_workers=0))
-        for name, labelled, dataset in eval_groups(batches, max_size=max_size)
+        for name, labelled, dataset in groups
     ]
-    iou = evaluate(model, loaders, num_classes + 1, device, autocast=device.type == "cuda")
-    return summarize(iou, old_classes, new_classes)
+    iou = evaluate(model, loaders, num_classes + 1, device)
+    return summarize(iou, old_classes, new_classes, base_classes=base_classes)
 
 
 def run_step(
@@ -226,11 +266,13 @@ def run_step(
     *,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    data: StepData | None = None,
 ) -> StepResult:
     """Train step ``request.step_index``, evaluate it and save it to ``request.output_dir``.
 
-    Resumes from the checkpoint in ``request.workdir`` when there is one. Returns ``finished=False``
-    (with the checkpoint written) when ``should_stop()`` turned true.
+    The data come from the request's batch folders, or from ``data`` when given. Resumes from the
+    checkpoint in ``request.workdir`` when there is one. Returns ``finished=False`` (with the
+    checkpoint written) when ``should_stop()`` turned true.
     """
     device = resolve_device(request.device)
     torch.manual_seed(request.config.train.seed + request.step_index)
@@ -248,7 +290,14 @@ def run_step(
             )
         model, _ = load_model(request.teacher_dir, device)
         model.add_step(request.step_sizes[-1], init_from_aux=request.config.train.init_from_aux)
-    dataset = training_dataset(request, teacher, device)
+    if data is None:
+        dataset = training_dataset(request, teacher, device)
+        evaluation = eval_groups(request.eval_batches, crop=request.eval_crop)
+    else:
+        dataset = data.train
+        if data.memory_pool is not None:
+            dataset = with_memory(dataset, data.memory_pool, request, teacher, device)
+        evaluation = data.evaluation
     request.workdir.mkdir(parents=True, exist_ok=True)
     result: TrainResult = train_step(
         model=model,
@@ -266,11 +315,12 @@ def run_step(
     new = new_class_ids(request.step_sizes)
     metrics = evaluate_model(
         model,
-        request.eval_batches,
+        evaluation,
         num_classes=model.num_classes,
         old_classes=list(range(1, new[0])) if request.step_index else new,
         new_classes=new if request.step_index else [],
         device=device,
+        base_classes=list(range(1, request.step_sizes[0] + 1)),
     )
     files = save_trained_model(
         model,

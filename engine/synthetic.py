@@ -95,6 +95,34 @@ CLASSES: tuple[SynthClass, ...] = tuple(
 SYNTH_CLASSES: list[str] = [c.name for c in CLASSES]  # synthetic class id k is SYNTH_CLASSES[k - 1]
 
 
+def _pretraining_looks(count: int = 32) -> tuple[SynthClass, ...]:
+    """Looks for pre-training a backbone: the same shapes, colours and textures as :data:`CLASSES`, in
+    combinations no protocol class uses.
+
+    A (shape, colour) pair of a protocol class is never reused, so no pre-training class differs from a
+    protocol class by texture alone: the features learned are generic (shape, colour, texture), the way
+    ImageNet features are for PASCAL VOC, but no protocol class is seen before its step. The choice is a
+    fixed round-robin over shapes, colours and textures, so every primitive appears.
+    """
+    used = {(c.shape, c.colour) for c in CLASSES}
+    shapes = sorted({c.shape for c in CLASSES})
+    colours = list(_COLOURS)
+    textures = list(_TEXTURE_PREFIX)
+    looks: list[SynthClass] = []
+    for i in range(len(shapes) * len(colours)):
+        shape, colour = shapes[i % len(shapes)], colours[(i // len(shapes) + i) % len(colours)]
+        if (shape, colour) in used or any((c.shape, c.colour) == (shape, colour) for c in looks):
+            continue
+        texture = textures[len(looks) % len(textures)]
+        looks.append(SynthClass(f"{_TEXTURE_PREFIX[texture]}{colour}-{shape}", shape, colour, texture))
+        if len(looks) == count:
+            break
+    return tuple(looks)
+
+
+PRETRAINING_CLASSES: tuple[SynthClass, ...] = _pretraining_looks()
+
+
 # --------------------------------------------------------------------------------------------------
 # Shapes: (u, v, r) -> inside mask, in the object's own frame (u right, v down, centred, rotated)
 # --------------------------------------------------------------------------------------------------
@@ -166,13 +194,20 @@ def _background(rng: np.random.Generator, grid: tuple[np.ndarray, np.ndarray]) -
 
 
 def render_sample(
-    rng: np.random.Generator, size: int, required: int, extras: Sequence[int], *, max_objects: int = 5
+    rng: np.random.Generator,
+    size: int,
+    required: int,
+    extras: Sequence[int],
+    *,
+    max_objects: int = 5,
+    looks: Sequence[SynthClass] = CLASSES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image: a cluttered background, 1 to ``max_objects - 1`` objects of classes drawn from
     ``extras`` (anywhere, possibly cut by the border, overlapping) and finally one object of class
     ``required`` fully inside the frame and on top, so it is always visible.
 
-    Class ids are synthetic ids (1-based indices into :data:`SYNTH_CLASSES`). Returns
+    Class ids are 1-based indices into ``looks`` (default :data:`CLASSES`: the ids of
+    :data:`SYNTH_CLASSES`). Returns
     ``image (size, size, 3) uint8`` and ``labels (size, size) uint8`` with the class of the topmost
     object at each pixel and 0 for background.
     """
@@ -184,7 +219,7 @@ def render_sample(
     objects = [int(c) for c in rng.choice(pool, size=count - 1)] + [required]
     unit = max(2.0, size / 32)
     for index, class_id in enumerate(objects):
-        look = CLASSES[class_id - 1]
+        look = looks[class_id - 1]
         r = rng.uniform(0.10, 0.22) * size
         on_top = index == len(objects) - 1
         cy, cx = rng.uniform(r, size - r, 2) if on_top else rng.uniform(0, size, 2)
@@ -236,12 +271,13 @@ def _write_split(
     labelled: Sequence[int],
     extras: Sequence[int],
     lut: np.ndarray,
+    looks: Sequence[SynthClass],
 ) -> None:
     """Write ``count`` image/mask pairs under ``folder``; image i shows class ``labelled[i % n]`` on top."""
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir(parents=True)
     for i in range(count):
-        image, labels = render_sample(rng, size, labelled[i % len(labelled)], extras)
+        image, labels = render_sample(rng, size, labelled[i % len(labelled)], extras, looks=looks)
         Image.fromarray(image).save(folder / "images" / f"{i:04d}.png", compress_level=1)
         Image.fromarray(lut[labels]).save(folder / "masks" / f"{i:04d}.png", compress_level=1)
 
@@ -257,19 +293,27 @@ def _write_batch(
     size: int,
     seed_key: list[int],
     comment: str,
+    drawn: Sequence[int] | None = None,
+    looks: Sequence[SynthClass] = CLASSES,
 ) -> None:
-    """One batch folder: classes ``labelled`` get mask ``values`` (others 0); batch.toml written last."""
+    """One batch folder: classes ``labelled`` get mask ``values`` (others 0); batch.toml written last.
+
+    Image i shows class ``drawn[i % n]`` on top (default: ``labelled``), so a batch that labels more
+    classes than it draws (full labels for joint training) has the same images as the step's own batch.
+    """
     if folder.exists():
         raise DataError(f"{folder} already exists; remove it or choose another output folder")
     lut = np.zeros(256, dtype=np.uint8)  # synthetic class id -> mask value of this batch
     lut[np.asarray(labelled)] = values
     train_count, val_count = counts
-    _write_split(folder, train_count, np.random.default_rng(seed_key + [0]), size, labelled, extras, lut)
+    drawn = labelled if drawn is None else drawn
+    train_rng = np.random.default_rng(seed_key + [0])
+    _write_split(folder, train_count, train_rng, size, drawn, extras, lut, looks)
     if val_count:
         val_rng = np.random.default_rng(seed_key + [1])
-        _write_split(folder / "val", val_count, val_rng, size, labelled, extras, lut)
+        _write_split(folder / "val", val_count, val_rng, size, drawn, extras, lut, looks)
     lines = [f"# {comment}", f'kind = "{kind}"', "", "[classes]"]
-    lines += [f'{value} = "{SYNTH_CLASSES[c - 1]}"' for value, c in zip(values, labelled, strict=True)]
+    lines += [f'{value} = "{looks[c - 1].name}"' for value, c in zip(values, labelled, strict=True)]
     staged = folder / ".batch.toml.tmp"
     staged.write_text("\n".join(lines) + "\n")
     os.replace(staged, folder / "batch.toml")  # atomic: a reader sees no manifest or the whole one
@@ -287,6 +331,7 @@ def generate_batches(
     eval_batch: int = 0,
     prefix: str = "synth",
     num_classes: int | None = None,
+    full_labels: bool = False,
 ) -> list[Path]:
     """Write one batch folder per protocol step under ``out_dir``; return their paths in step order.
 
@@ -296,6 +341,8 @@ def generate_batches(
     ``<prefix>-00-base``, ``<prefix>-01``, ...; with ``eval_batch`` > 0 a last folder ``<prefix>-eval`` of
     that many images, ``kind = "eval"`` and fully labelled (mask value k is the protocol's class k), follows.
     ``num_classes`` fills the protocol up by repeating its last step (see :func:`parse_protocol`).
+    ``full_labels=True`` writes the same images with every protocol class labelled (mask value k is class
+    k): the data of joint training, the upper bound a protocol is compared with.
     """
     steps = parse_protocol(protocol, num_classes)
     total = sum(steps)
@@ -328,13 +375,15 @@ def generate_batches(
         _write_batch(
             folder,
             kind="train",
-            labelled=own,
+            labelled=everything if full_labels else own,
             extras=everything if setting == "overlap" else list(range(1, own[-1] + 1)),
-            values=list(range(1, count + 1)),
+            values=everything if full_labels else list(range(1, count + 1)),
             counts=(train_per_step, val_per_step),
             size=image_size,
             seed_key=[seed, t],
-            comment=f"synthetic step {t} of protocol {protocol} ({setting}), seed {seed}",
+            comment=f"synthetic step {t} of protocol {protocol} ({setting}), seed {seed}"
+            + (", every class labelled" if full_labels else ""),
+            drawn=own,
         )
         folders.append(folder)
     if eval_batch:
@@ -352,3 +401,30 @@ def generate_batches(
         )
         folders.append(folder)
     return folders
+
+
+def generate_pretraining_batch(
+    out_dir: Path, *, images: int, image_size: int = 64, seed: int = 0, name: str = "pretraining"
+) -> Path:
+    """One training batch folder of :data:`PRETRAINING_CLASSES` (every class labelled, none of a protocol).
+
+    What a backbone is pre-trained on before step 0, standing in for ImageNet (``engine.pretrain``).
+    """
+    classes = list(range(1, len(PRETRAINING_CLASSES) + 1))
+    if images < len(classes):
+        raise ConfigError(f"images: {images} must be >= {len(classes)} so that every class has pixels")
+    folder = Path(out_dir) / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _write_batch(
+        folder,
+        kind="train",
+        labelled=classes,
+        extras=classes,
+        values=classes,
+        counts=(images, 0),
+        size=image_size,
+        seed_key=[seed, 1_000],
+        comment=f"synthetic pre-training classes, seed {seed}",
+        looks=PRETRAINING_CLASSES,
+    )
+    return folder

@@ -98,12 +98,14 @@ def build_optimizer(model: DKDSegmenter, config: EngineConfig, step_index: int) 
     """SGD with the learning-rate and weight-decay groups of method.md.
 
     Backbone at the base rate; ASPP head and every classifier at ``head_lr_mult`` times it. Weight decay on
-    everything at step 0; at t >= 1 only on the new classifier g_t.
+    everything at step 0; at t >= 1 only on the new classifier g_t, and every BatchNorm weight and bias
+    stays out of the optimiser (as the step t - 1 left them; :func:`set_step_mode` also stops their
+    gradients).
     """
     train = config.train
     lr = train.lr_base if step_index == 0 else train.lr_incremental
     decay = train.weight_decay if step_index == 0 else 0.0
-    backbone, head, newest = model.parameter_groups()
+    backbone, head, newest = model.parameter_groups(freeze_bn_affine=step_index > 0)
     groups = [
         {"params": backbone, "lr": lr, "weight_decay": decay},
         {"params": head, "lr": lr * train.head_lr_mult, "weight_decay": decay},
@@ -116,7 +118,8 @@ def set_step_mode(model: DKDSegmenter, step_index: int, config: EngineConfig) ->
     """Put the student in the training mode of its step.
 
     Step 0: everything trains, backbone BatchNorm with momentum ``bn_momentum_base``. Step t >= 1: every
-    BatchNorm in eval mode (running statistics frozen; affine parameters still get gradients) and dropout off.
+    BatchNorm in eval mode (its affine parameters are frozen once by :func:`freeze_batchnorm_affine`) and
+    dropout off.
     """
     model.train()
     if step_index == 0:
@@ -127,6 +130,17 @@ def set_step_mode(model: DKDSegmenter, step_index: int, config: EngineConfig) ->
     for module in model.modules():
         if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
             module.eval()
+
+
+def freeze_batchnorm_affine(model: nn.Module) -> None:
+    """Stop the gradients of every BatchNorm weight and bias (t >= 1, as the reference does).
+
+    Called before DistributedDataParallel wraps the model, which registers only parameters that need
+    gradients.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.requires_grad_(False)
 
 
 def freeze_teacher(teacher: DKDSegmenter) -> DKDSegmenter:
@@ -176,14 +190,32 @@ def loss_terms(
     return terms
 
 
-def _autocast_dtype(device: torch.device, enabled: bool, fast: FastPaths) -> torch.dtype | None:
-    """bf16 where the GPU has it (no loss scaling needed), fp16 otherwise on CUDA; on the CPU bf16 only
-    when ``fast.bf16_autocast`` asks (tests of the mixed-precision path), else none."""
-    if not enabled:
+def autocast_dtype(device: torch.device, config: EngineConfig, fast: FastPaths) -> torch.dtype | None:
+    """The autocast type of training: ``train.amp_dtype`` on CUDA (float16 with a gradient scaler, as
+    the reference; bfloat16 where chosen and supported); on the CPU bfloat16 only when
+    ``fast.bf16_autocast`` asks (tests of the mixed-precision path), else none."""
+    if not config.train.amp:
         return None
     if device.type != "cuda":
         return torch.bfloat16 if fast.bf16_autocast else None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if config.train.amp_dtype == "bfloat16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def warmup_poly(
+    total: int, power: float, warmup_fraction: float, warmup_factor: float
+) -> Callable[[int], float]:
+    """The learning-rate factor at iteration ``i`` of ``total``: poly decay ``(1 - i / total) ** power``,
+    times a linear warm-up from ``warmup_factor`` to 1 over the first ``warmup_fraction`` of the
+    iterations (the reference's WarmupPolyLR; no warm-up when the fraction is 0)."""
+    warmup = warmup_fraction * total
+
+    def factor(i: int) -> float:
+        ramp = warmup_factor + (1 - warmup_factor) * i / warmup if i < warmup else 1.0
+        return ramp * max(0.0, 1 - i / total) ** power
+
+    return factor
 
 
 def _distributed() -> tuple[int, int]:
@@ -229,6 +261,8 @@ def train_step(
         raise DataError(f"step 0 has {len(dataset)} training image(s); it needs at least {2 * world_size}")
 
     model.to(device)
+    if step_index > 0:
+        freeze_batchnorm_affine(model)
     # Before DDP, whose gradient buckets take the parameters' strides.
     fast.apply_memory_format(model, teacher)
     student: nn.Module = StepModel(model, num_old=new_classes[0] - 1 if teacher is not None else 0)
@@ -245,8 +279,10 @@ def train_step(
     sampler = StepSampler(len(dataset), train.batch_size, seed=train.seed, rank=rank, world_size=world_size)
     per_epoch = sampler.batches_per_epoch()
     total = epochs * per_epoch
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=train.poly_power)
-    amp_dtype = _autocast_dtype(device, train.amp, fast)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_poly(total, train.poly_power, train.warmup_fraction, train.warmup_factor)
+    )
+    amp_dtype = autocast_dtype(device, config, fast)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     epoch, done_in_epoch, iteration = 0, 0, 0

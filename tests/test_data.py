@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from engine.data import (
     ADE20K_CLASSES,
-    IMAGENET_MEAN,
     PROTOCOLS,
     VOC_CLASSES,
     BatchManifest,
@@ -31,6 +30,7 @@ from engine.data import (
     protocol_dataset,
     protocol_steps,
     pseudo_label,
+    random_crop_box,
     read_manifest,
     remap,
     voc_pairs,
@@ -195,15 +195,46 @@ def test_train_transform_is_a_function_of_the_seed() -> None:
     assert not torch.equal(first[0], other[0])
 
 
-def test_train_transform_pads_small_images_to_the_crop() -> None:
-    image = Image.new("RGB", (8, 6), tuple(round(255 * m) for m in IMAGENET_MEAN))
-    mask = Image.fromarray(np.full((6, 8), 3, np.uint8))
-    pixels, labels = TrainTransform(16, scale_min=1.0, scale_max=1.0)(image, mask, torch.Generator())
-    assert pixels.shape == (3, 16, 16) and labels.shape == (16, 16)
-    assert int((labels == 3).sum()) == 48 and int((labels == 255).sum()) == 16 * 16 - 48
-    # the image is the mean colour, so after normalisation it is ~0 everywhere, padding exactly 0
-    assert pixels.abs().max() < 0.02
-    assert torch.all(pixels[:, labels == 255] == 0)
+def test_train_transform_never_pads() -> None:
+    # A mask without ignore pixels keeps none after the crop, even for images smaller than the crop.
+    for width, height in ((8, 6), (40, 30), (30, 90), (200, 50)):
+        image, mask = checker_pair(width, height)
+        for seed in range(20):
+            pixels, labels = TrainTransform(16)(image, mask, torch.Generator().manual_seed(seed))
+            assert pixels.shape == (3, 16, 16) and labels.shape == (16, 16)
+            assert int((labels == 255).sum()) == 0
+
+
+def test_random_crop_box_keeps_the_area_and_ratio_bounds() -> None:
+    width, height = 120, 90
+    areas, ratios, fallbacks = [], [], 0
+    for seed in range(2000):
+        left, top, w, h = random_crop_box(width, height, (0.5, 2.0), torch.Generator().manual_seed(seed))
+        assert 0 <= left and left + w <= width and 0 <= top and top + h <= height
+        if (w, h) == (width, height):  # ten failed tries: the whole image (its ratio 4/3 is in bounds)
+            fallbacks += 1
+            continue
+        areas.append(w * h / (width * height))
+        ratios.append(w / h)
+    # Rounding to whole pixels moves the bounds by at most about one pixel per side.
+    assert min(areas) >= 0.5 * 0.97 and max(areas) <= 1.0
+    assert min(ratios) >= 0.75 * 0.97 and max(ratios) <= 4 / 3 * 1.03
+    # Areas above the image's never fit: about half of the draws retry, so the whole range below 1 is used.
+    assert min(areas) < 0.52 and max(areas) > 0.95 and 0 < fallbacks < 2000 * 0.2
+    assert min(ratios) < 0.8 and max(ratios) > 1.28
+
+
+def test_random_crop_box_falls_back_to_the_centre_at_a_ratio_bound() -> None:
+    # A 400x50 strip: no crop of ratio <= 4/3 and area >= half the image fits, so the centre is taken.
+    assert random_crop_box(400, 50, (0.5, 2.0), torch.Generator().manual_seed(0)) == (166, 0, 67, 50)
+
+
+def test_eval_transform_crops_the_centre_of_the_short_side_resize() -> None:
+    image, mask = checker_pair(60, 30)
+    pixels, labels = EvalTransform(crop=20)(image, mask)
+    assert pixels.shape == (3, 20, 20) and labels.shape == (20, 20)
+    expected = np.array(mask.resize((40, 20), Image.Resampling.NEAREST))[:, 10:30]
+    assert torch.equal(labels, torch.from_numpy(expected))
 
 
 def test_eval_transform_shrinks_the_longer_side() -> None:
@@ -447,3 +478,16 @@ def test_protocol_dataset_filters_and_masks_a_voc_step(tmp_path: Path) -> None:
     assert (
         len(val) == 3 and val[1][1].tolist() == [[0, 16], [0, 0]] and val[0][1].tolist() == [[0, 3], [16, 0]]
     )
+
+
+def test_protocol_dataset_ignores_unseen_ade20k_classes_in_evaluation(tmp_path: Path) -> None:
+    for split in ("training", "validation"):
+        mask = np.array([[0, 3], [120, 140]])  # 3 is a base class of 100-10; 120 comes at step 2, 140 at 4
+        write_pair(
+            tmp_path / "images" / split / "ADE_a.jpg", tmp_path / "annotations" / split / "ADE_a.png", mask
+        )
+    val = protocol_dataset("ade", tmp_path, "100-10", 2, "val", EvalTransform())
+    assert val[0][1].tolist() == [[0, 3], [120, 255]]  # VOC would make 140 background; ADE20K ignores it
+    present = [{3, 120}]
+    train = protocol_dataset("ade", tmp_path, "100-10", 2, "train", EvalTransform(), present=present)
+    assert train[0][1].tolist() == [[0, 0], [120, 0]]

@@ -267,3 +267,36 @@ def test_evaluate_upsamples_predicts_scores_and_restores_modes() -> None:
     assert iou.tolist() == pytest.approx([16 / 24, 0.5, 0.0])
     assert model.modes_seen == [False, False]
     assert model.training and not model.norm.training
+
+
+def test_paper_grouping_on_a_hand_made_confusion_matrix() -> None:
+    # Step 2 of a 2-1-1 protocol: classes 1, 2 are the base, 3 came at step 1, 4 at step 2.
+    matrix = ConfusionMatrix(5)
+    matrix.mat = torch.tensor(
+        [
+            [8, 1, 0, 1, 0],  # background
+            [0, 3, 1, 0, 0],  # class 1
+            [0, 0, 4, 0, 0],  # class 2
+            [2, 0, 0, 2, 0],  # class 3
+            [0, 0, 0, 1, 1],  # class 4
+        ]
+    )
+    iou = matrix.iou()
+    expected = {0: 8 / 12, 1: 3 / 5, 2: 4 / 5, 3: 2 / 6, 4: 1 / 2}
+    assert iou.tolist() == pytest.approx([expected[k] for k in range(5)])
+    metrics = summarize(iou, old_classes=[1, 2, 3], new_classes=[4], base_classes=[1, 2])
+    # The gate's grouping: old = background + every class before the step, new = the step's.
+    assert metrics.miou_old == pytest.approx((expected[0] + expected[1] + expected[2] + expected[3]) / 4)
+    assert metrics.miou_new == pytest.approx(expected[4])
+    # The paper's: old = background + base classes, new = every later class.
+    paper_old = (expected[0] + expected[1] + expected[2]) / 3
+    paper_new = (expected[3] + expected[4]) / 2
+    assert metrics.paper is not None
+    assert metrics.paper.miou_old == pytest.approx(paper_old)
+    assert metrics.paper.miou_new == pytest.approx(paper_new)
+    assert metrics.paper.hiou == pytest.approx(2 * paper_old * paper_new / (paper_old + paper_new))
+    assert metrics.miou_all == pytest.approx(sum(expected.values()) / 5)
+    data = metrics.to_dict()
+    assert data["paper"]["miou_new"] == pytest.approx(paper_new)
+    assert Metrics.from_dict(data) == metrics
+    assert Metrics.from_dict({k: v for k, v in data.items() if k != "paper"}).paper is None

@@ -143,17 +143,19 @@ def _terms_and_grads(
     return {name: float(term.detach()) for name, term in terms.items()}, grads
 
 
-@pytest.mark.parametrize(("step_index", "tolerance"), [(0, 1e-3), (1, 1e-5)])
+@pytest.mark.parametrize(("step_index", "tolerance"), [(0, 5e-3), (1, 1e-5)])
 def test_fast_loss_terms_equal_plain_in_float32(step_index: int, tolerance: float) -> None:
     # Per parameter, the largest gradient difference relative to the largest gradient. Step 0 trains
     # BatchNorm on 2 images (the ASPP pooling branch normalises 2 values per channel), which amplifies
-    # float32 rounding differences of the channels_last convolutions to about 5e-4; t >= 1 stays near 1e-6.
+    # float32 rounding differences of the channels_last convolutions to about 1.5e-3 with the Kaiming-
+    # initialised head (about 5e-4 with PyTorch's narrower default init); t >= 1 stays near 1e-6. The loss
+    # terms agree to about 1.5e-5 relative there.
     setup = _step_setup(step_index)
     plain_terms, plain_grads = _terms_and_grads(*setup, fast=None)
     fast_terms, fast_grads = _terms_and_grads(*setup, fast=ALL_BUT_COMPILE)
     expected = {"mbce", "ac"} if step_index == 0 else {"mbce", "ac", "kd", "dkd_pos", "dkd_neg"}
     assert set(fast_terms) == set(plain_terms) == expected
-    assert fast_terms == pytest.approx(plain_terms, rel=1e-5, abs=1e-6)
+    assert fast_terms == pytest.approx(plain_terms, rel=5e-5, abs=1e-6)
     assert fast_grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         difference = (fast_grads[name] - grad).abs().max()
@@ -165,10 +167,11 @@ def test_fast_loss_terms_in_bf16_autocast_agree_within_bf16_tolerance() -> None:
     plain_terms, plain_grads = _terms_and_grads(*setup, fast=None)
     fast_terms, fast_grads = _terms_and_grads(*setup, fast=ALL_BUT_COMPILE, autocast=True)
     assert fast_terms == pytest.approx(plain_terms, rel=3e-2, abs=1e-3)
-    # Gradients as a whole: bf16 keeps about 3 significant digits per value.
+    # Gradients as a whole: bf16 keeps about 3 significant digits per value; through the Kaiming-initialised
+    # head (larger logits than PyTorch's default init) the whole gradient differs by about 7.5 %.
     flat = torch.cat([g.flatten() for g in plain_grads.values()])
     flat_fast = torch.cat([fast_grads[name].flatten() for name in plain_grads])
-    assert torch.linalg.vector_norm(flat_fast - flat) <= 5e-2 * torch.linalg.vector_norm(flat)
+    assert torch.linalg.vector_norm(flat_fast - flat) <= 1e-1 * torch.linalg.vector_norm(flat)
 
 
 # ------------------------------------------------------------------------------- whole training step

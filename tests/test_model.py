@@ -181,3 +181,17 @@ def test_imagenet_download_failure_points_to_local_file(monkeypatch) -> None:
     with pytest.raises(CheckpointError, match="put a local file path in model.pretrained instead") as info:
         build_model(ModelConfig(backbone="resnet18", pretrained="imagenet"), [1])
     assert "\n" not in str(info.value)
+
+
+def test_head_and_classifiers_start_kaiming_normal() -> None:
+    # Kaiming normal (fan in, ReLU gain): std sqrt(2 / fan_in); PyTorch's default would be ~2.4x narrower.
+    torch.manual_seed(0)
+    model = DKDSegmenter(R18, [40])
+    model.add_step(40, init_from_aux=False)
+    convs = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in [*convs, *model.classifiers, model.aux_classifier]:
+        fan_in = conv.weight[0].numel()
+        expected = (2 / fan_in) ** 0.5
+        assert conv.weight.std().item() == pytest.approx(
+            expected, rel=0.25 if conv.weight.numel() < 1000 else 0.05
+        )

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from engine.config import EngineConfig, ModelConfig, TrainConfig
 from engine.model import build_model
-from engine.train import Progress, build_optimizer, set_step_mode, train_step
+from engine.train import Progress, build_optimizer, set_step_mode, train_step, warmup_poly
 
 
 class RandomSegmentation(Dataset):
@@ -205,3 +205,62 @@ def test_two_process_gloo_ddp_step(tmp_path: Path) -> None:
     assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])
     # Only rank 0 writes the checkpoint.
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_incremental_step_leaves_batchnorm_affine_out_of_the_optimiser() -> None:
+    config = tiny_config(epochs_incremental=1)
+    teacher, student = base_and_student(config)
+    bn_params = {id(p) for m in student.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert bn_params
+    in_optimiser = {id(p) for g in build_optimizer(student, config, 1).param_groups for p in g["params"]}
+    assert not bn_params & in_optimiser
+    # At step 0 they train with everything else.
+    base = {id(p) for g in build_optimizer(teacher, config, 0).param_groups for p in g["params"]}
+    assert {id(p) for m in teacher.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()} <= base
+    affine_before = {
+        k: v.clone() for k, v in student.state_dict().items() if k.endswith(("bn1.weight", "bn1.bias"))
+    }
+    train_step(
+        model=student,
+        teacher=teacher,
+        dataset=RandomSegmentation(8, [3]),
+        config=config,
+        step_index=1,
+        device=torch.device("cpu"),
+    )
+    after = student.state_dict()
+    assert affine_before and all(torch.equal(v, after[k]) for k, v in affine_before.items())
+    assert all(
+        not p.requires_grad
+        for m in student.modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for p in m.parameters()
+    )
+
+
+def test_warmup_poly_rises_linearly_then_decays() -> None:
+    factor = warmup_poly(100, 0.9, 0.2, 0.001)
+    assert factor(0) == pytest.approx(0.001)
+    assert factor(10) == pytest.approx((0.001 + 0.999 * 0.5) * 0.9**0.9)
+    assert factor(20) == pytest.approx(0.8**0.9)  # warm-up over: poly decay of the whole run
+    assert factor(100) == 0.0
+    plain = warmup_poly(100, 0.9, 0.0, 0.001)
+    assert [plain(i) for i in (0, 50)] == pytest.approx([1.0, 0.5**0.9])
+
+
+def test_training_follows_the_warmup_schedule() -> None:
+    config = tiny_config(epochs_base=2, warmup_fraction=0.5, lr_base=0.1)
+    model = build_model(config.model, [2])
+    lrs: list[float] = []
+    train_step(
+        model=model,
+        teacher=None,
+        dataset=RandomSegmentation(8, [1, 2]),
+        config=config,
+        step_index=0,
+        device=torch.device("cpu"),
+        progress=lambda p: lrs.append(p.lr),
+    )
+    # 4 iterations, 2 of warm-up: the learning rate reported after each is that of the next iteration.
+    expected = [0.1 * warmup_poly(4, 0.9, 0.5, 0.001)(i) for i in range(1, 5)]
+    assert lrs == pytest.approx(expected)
