@@ -27,6 +27,7 @@ COMMANDS = [
     "report",
     "export",
     "demo",
+    "experiment",
     "web",
 ]
 

@@ -295,3 +295,17 @@ def test_reading_the_dashboard_never_changes_the_catalog(tmp_path: Path) -> None
         c.get(url)
     c.post("/api/actions/promote", json={"target": "1"})  # no token: refused
     assert dump() == before
+
+
+def test_the_paper_grouping_recorded_by_the_engine_is_shown_as_it_is(seeded: Workspace) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(seeded.catalog_path)
+    with db:
+        db.execute(
+            "UPDATE model_versions SET metrics = json_set(metrics, '$.candidate.paper', "
+            'json(\'{"miou_old": 0.5, "miou_new": 0.25, "hiou": 0.3333}\')) WHERE version = \'v0001\''
+        )
+    db.close()
+    text = client(seeded).get("/").text
+    assert "<td>paper's (old: base step)</td><td>85.0</td><td>50.0</td><td>25.0</td><td>33.3</td>" in text

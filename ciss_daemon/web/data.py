@@ -292,9 +292,13 @@ def dashboard(
             candidate = s.scalar(
                 select(ModelVersion.metrics["candidate"]).where(ModelVersion.version == current["version"])
             )
-            base_names = set(lineage[0]["classes"]) if lineage else set()
-            base = set(s.scalars(select(Class.id).where(Class.name.in_(base_names))))
-            current["paper"] = paper_grouping((candidate or {}).get("iou") or {}, base)
+            candidate = candidate or {}
+            if candidate.get("paper"):  # recorded by the engine since it reports both groupings
+                current["paper"] = {"miou_all": candidate.get("miou_all"), **candidate["paper"]}
+            else:  # a model evaluated before: computed from its IoU per class
+                base_names = set(lineage[0]["classes"]) if lineage else set()
+                base = set(s.scalars(select(Class.id).where(Class.name.in_(base_names))))
+                current["paper"] = paper_grouping(candidate.get("iou") or {}, base)
         data["charts"] = (charts or ChartCache()).get(s, data["steps"], data["revision"])
         data["rejections"] = [
             {
