@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from batchmaker import make_batch
 from browser import charts_drawn, chromium, ciss_web, free_port, get_json, needs_chromium, wait_http
+from daemon_helpers import DaemonProcess, new_workspace, settings_text, step_states, wait_for
 from web_helpers import EVIL_BATCH, EVIL_CLASS, EVIL_REJECTED, TOKEN, Hook, seed, workspace
+
+from ciss_daemon.inbox import submit_folder
+from ciss_daemon.web import samples
+from ciss_daemon.workspace import Workspace
 
 pytestmark = needs_chromium
 
@@ -64,30 +70,20 @@ def test_a_read_only_dashboard_has_no_actions(tmp_path: Path) -> None:
         assert answer == [403, "read-only dashboard: set [web] token in ciss.toml to allow operator actions"]
 
 
+def daemon_workspace(tmp_path: Path, **settings: object) -> tuple[Workspace, str]:
+    """A tiny-settings workspace whose daemon serves the dashboard ([web] enabled) with TOKEN; its URL."""
+    port = free_port()
+    text = settings_text(web__enabled=True, web__port=port, web__token=TOKEN, **settings)
+    return new_workspace(tmp_path / "ws", text), f"http://127.0.0.1:{port}"
+
+
 @pytest.mark.slow
 def test_a_real_daemon_training_shows_progress_advancing_on_screen(tmp_path: Path) -> None:
-    """`ciss daemon` with [web] enabled trains a tiny step; the page follows it without a reload, then the
-    held step is promoted from the page, through the daemon."""
-    from batchmaker import make_batch
-    from daemon_helpers import DaemonProcess, new_workspace, settings_text, step_states, wait_for
-
-    from ciss_daemon.inbox import submit_folder
-    from ciss_daemon.web import samples
-
-    port = free_port()
-    hook = Hook()
-    text = settings_text(
-        gate__new_miou_floor=1.0,  # held for the operator
-        train__epochs_base=12,
-        web__enabled=True,
-        web__port=port,
-        web__token=TOKEN,
-        notify__webhooks=[hook.url],
-    )
-    ws = new_workspace(tmp_path / "ws", text)
+    """`ciss daemon` with [web] enabled trains; the page follows the iterations without a reload."""
+    # 160 iterations: long enough to be seen moving on a fast machine; the test stops it once it has.
+    ws, url = daemon_workspace(tmp_path, train__epochs_base=40)
     batch = make_batch(tmp_path, "bikes", classes={1: "bicycle"}, n_train=16, n_val=2, size=(32, 32))
     daemon = DaemonProcess(ws)
-    url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/api/live")
         with chromium() as page:
@@ -95,30 +91,50 @@ def test_a_real_daemon_training_shows_progress_advancing_on_screen(tmp_path: Pat
             page.evaluate("window.notReloaded = true")
             submit_folder(batch, ws.inbox)
             page.wait_for_function(
-                "() => Number(document.getElementById('running-iteration').textContent) > 0", timeout=180_000
+                "() => Number(document.getElementById('running-iteration').textContent) > 0", timeout=240_000
             )
             first = int(page.inner_text("#running-iteration"))
             page.wait_for_function(
                 f"() => Number(document.getElementById('running-iteration').textContent) > {first}",
-                timeout=120_000,
+                timeout=240_000,
             )
             assert page.is_visible("#running-job") and page.inner_text("#running-batch") == "bikes"
+            assert int(page.inner_text("#running-total")) >= 40  # 40 epochs
             assert page.evaluate("window.notReloaded") is True
-            wait_for(lambda: step_states(ws) == ["held"], "the held step")
-            page.wait_for_selector('button[data-action="promote"][data-target="0"]', timeout=30_000)
-            assert page.is_hidden("#running-job")
+            assert charts_drawn(page)["chart-live-loss"]  # the running job's loss, two points or more
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_held_step_is_promoted_from_the_page_through_the_daemon(tmp_path: Path) -> None:
+    """The daemon holds a trained step; the page promotes it with the token (through the daemon's
+    requests, as `ciss promote`), shows the new model's charts and samples; the webhook hears both."""
+    hook = Hook()
+    ws, url = daemon_workspace(
+        tmp_path, gate__new_miou_floor=1.0, train__epochs_base=1, notify__webhooks=[hook.url]
+    )
+    batch = make_batch(tmp_path, "bikes", classes={1: "bicycle"}, n_train=8, n_val=2, size=(32, 32))
+    daemon = DaemonProcess(ws)
+    try:
+        wait_http(f"{url}/api/live")
+        submit_folder(batch, ws.inbox)
+        with chromium() as page:
+            page.goto(url)
+            page.wait_for_selector('button[data-action="promote"][data-target="0"]', timeout=300_000)
+            assert step_states(ws) == ["held"] and page.is_hidden("#running-job")
             page.fill("#token", TOKEN)
-            page.on("dialog", lambda dialog: dialog.accept())
             page.click('button[data-action="promote"][data-target="0"]')
             page.wait_for_function(
                 "() => document.getElementById('action-result').textContent.includes('is now the current')",
                 timeout=60_000,
             )
+            assert page.inner_text("#action-result") == "v0001 (step 0) is now the current model"
             page.wait_for_function("() => document.body.dataset.charts === '4'")
             drawn = charts_drawn(page)
             assert drawn["chart-miou"] and drawn["chart-loss"] and drawn["chart-heatmap"], drawn
             # Sample predictions of the new current model, drawn by a child process, then shown.
-            wait_for(lambda: (samples.folder(ws) / "v0001").is_dir(), "the sample predictions", timeout=180)
+            wait_for(lambda: (samples.folder(ws) / "v0001").is_dir(), "the sample predictions", timeout=300)
             page.reload()
             page.wait_for_function(
                 "() => [...document.querySelectorAll('#samples img')].filter((i) => i.naturalWidth).length"
