@@ -155,7 +155,7 @@ def cpu_reference() -> float:
 
 def page_load(out: Path, *, steps: int, runs: int, workdir: Path | None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="ciss-web-bench-", dir=workdir))
-    ws = new_workspace(root / "ws")
+    ws = new_workspace(root / "ws", "")  # every setting at its default
     stats = build_catalog(ws, steps=steps)
     results: dict[str, Any] = {
         "taken_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -236,7 +236,7 @@ def screenshot(out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     root = Path(tempfile.mkdtemp(prefix="ciss-web-shot-"))
-    ws = new_workspace(root / "ws")
+    ws = new_workspace(root / "ws", "")  # every setting at its default
     _fill_history(ws)
     with serving(ws) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
