@@ -374,6 +374,14 @@ def live_batch_hashes(*, session: Session) -> set[str]:
     return {sha256 for sha256, state in rows if state not in RELEASED_STATES}
 
 
+def unavailable_class_names(*, session: Session) -> set[str]:
+    """Class names a new training batch may not declare: taught, or pending in an unfinished step."""
+    rows = session.execute(
+        select(Class.name, Class.taught, Step.state).outerjoin(Step, Class.step_id == Step.id)
+    )
+    return {name for name, taught, state in rows if taught or state not in RELEASED_STATES}
+
+
 def record_rejection(
     *,
     session: Session,
@@ -681,7 +689,7 @@ def find_version(*, session: Session, version: str) -> ModelVersion:
     """The model version named ``version`` (e.g. ``v0003``)."""
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
     if row is None:
-        raise OperatorError(f"no model version {version!r} in the catalog; `ciss status` lists them")
+        raise OperatorError(f"no model version {version!r} in the catalog; `ciss models` lists them")
     return row
 
 
@@ -717,7 +725,7 @@ def rollback_to(*, session: Session, version: ModelVersion, now: dt.datetime | N
     if version.promoted_at is None or version.step.state != "promoted":
         raise OperatorError(
             f"model {version.version} is not a model that was promoted and is still in the history; "
-            "`ciss status` lists the models you can roll back to"
+            "`ciss models` lists the models you can roll back to"
         )
     if current is None or version.step.index >= current.step.index:
         raise OperatorError(
@@ -793,8 +801,9 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def _headline(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The summary numbers: the gate's grouping, and the paper's under "paper" (None before it was kept)."""
     metrics = metrics or {}
-    return {key: metrics.get(key) for key in METRIC_KEYS}
+    return {**{key: metrics.get(key) for key in METRIC_KEYS}, "paper": metrics.get("paper")}
 
 
 def status_snapshot(*, session: Session, recent: int = 10) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +53,14 @@ def friendly(func: F) -> F:
         except CissError as error:
             typer.echo(f"Error: {error}", err=True)
             raise typer.Exit(code=1) from None
+        except OSError as error:
+            from ciss_daemon.workspace import cannot_write
+
+            translated = cannot_write(error)
+            if translated is None:
+                raise
+            typer.echo(f"Error: {translated}", err=True)
+            raise typer.Exit(code=1) from None
         except Exception as error:
             engine_error = _engine_error_type()
             if engine_error is not None and isinstance(error, engine_error):
@@ -75,11 +84,37 @@ def _open(workspace: Path | None) -> tuple[Any, Any]:
     return ws, load_settings(ws.settings_path)
 
 
+def _open_to_read(workspace: Path | None) -> tuple[Any, Any]:
+    """Like ``_open``, for commands that only read the catalog: a ``ciss.toml`` that no longer loads is
+    one warning line, not an error, since a running daemon keeps the settings it started with.
+
+    Settings are then None and the catalog is the workspace's own SQLite file (``[catalog] url`` unknown).
+    """
+    from ciss_daemon.exceptions import SettingsError
+    from ciss_daemon.settings import load_settings
+    from ciss_daemon.workspace import find_workspace
+
+    ws = find_workspace(workspace)
+    try:
+        return ws, load_settings(ws.settings_path)
+    except SettingsError as error:
+        from ciss_daemon import service
+
+        running = (
+            "the running daemon keeps the settings it started with"
+            if service.daemon_alive(ws.lock_path)
+            else "`ciss daemon` will not start"
+        )
+        typer.echo(f"Warning: {error}; {running} until the file is fixed", err=True)
+        return ws, None
+
+
 def _reader(ws: Any, settings: Any) -> Any:
     """A read-only session factory; never upgrades the catalog (the daemon does that)."""
     from ciss_daemon import catalog
+    from ciss_daemon.settings import Settings
 
-    url = ws.catalog_url(settings)
+    url = ws.catalog_url(settings or Settings())
     catalog.check_catalog(url)
     return catalog.session_factory(catalog.make_engine(url, read_only=True))
 
@@ -90,21 +125,41 @@ def _reader(ws: Any, settings: Any) -> Any:
 @app.command()
 @friendly
 def init(
-    directory: Annotated[Path, typer.Argument(help="Folder to make a workspace in.")] = Path("."),
+    directory: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Folder to make a workspace in (default: --workspace, else the current folder).",
+            show_default=False,
+        ),
+    ] = None,
+    workspace: WorkspaceOption = None,
+    profile: Annotated[
+        str, typer.Option(help="Settings for: auto (gpu when a CUDA device is found), gpu or cpu.")
+    ] = "auto",
 ) -> None:
     """Create a workspace: ciss.toml (commented), inbox/, catalog, store/, models/, jobs/, ...
+
+    On a machine with a GPU, ciss.toml holds the paper's settings (ResNet-101 from ImageNet weights);
+    without one, the CPU settings of `ciss demo`.
 
     Example: ciss init /srv/ciss
     """
     from ciss_daemon import catalog
+    from ciss_daemon.profiles import choose_profile
     from ciss_daemon.settings import load_settings
-    from ciss_daemon.workspace import init_workspace
+    from ciss_daemon.workspace import ENV_VAR, init_workspace
 
-    ws = init_workspace(directory)
+    if directory is not None and workspace is not None and directory.resolve() != workspace.resolve():
+        raise CissError(f"two folders given, {directory} and --workspace {workspace}; give one")
+    chosen = directory or workspace or Path(os.environ.get(ENV_VAR) or ".")
+    settings_profile = choose_profile(profile)
+    ws = init_workspace(chosen, settings_text=settings_profile.settings_text())
     settings = load_settings(ws.settings_path)
     catalog.upgrade_catalog(ws.catalog_url(settings), backup_dir=ws.backups)
-    console.print(f"Workspace ready at {ws.root.resolve()}")
-    console.print(f"  settings: {ws.settings_path}\n  drop batch folders into: {ws.inbox}")
+    console.print(f"Workspace ready at {ws.root}")
+    console.print(f"  settings: {ws.settings_path}")
+    console.print(f"    {settings_profile.description}", highlight=False, soft_wrap=True)
+    console.print(f"  drop batch folders into: {ws.inbox}")
     console.print(f"  start the service: ciss daemon --workspace {ws.root}")
 
 
@@ -135,7 +190,66 @@ def submit(
 
     ws, _ = _open(workspace)
     target = submit_folder(folder, ws.inbox)
-    console.print(f"Submitted {folder} as {target}; follow it with `ciss status`")
+    console.print(f"Submitted {folder} as {target}; follow it with `ciss status -w {ws.root}`", markup=False)
+
+
+@app.command()
+@friendly
+def check(
+    folder: Annotated[Path, typer.Argument(help="A batch folder with batch.toml, images/ and masks/.")],
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Validate a batch folder without submitting it; print what REJECTED.txt would say, exit 1 if so.
+
+    With a workspace (--workspace, $CISS_WORKSPACE or the current folder) its limits, taught class names
+    and earlier batches are checked too; without one, the folder alone.
+
+    Example: ciss check ./bicycles-2026-11
+    """
+    from ciss_daemon import catalog
+    from ciss_daemon.exceptions import WorkspaceError
+    from ciss_daemon.inbox import rejection_report
+    from ciss_daemon.settings import Settings
+    from ciss_daemon.validation import printable, validate_batch
+
+    settings: Any = Settings()
+    taught: set[str] = set()
+    known: set[str] = set()
+    try:
+        ws, loaded = _open_to_read(workspace)
+    except WorkspaceError:
+        if workspace is not None:
+            raise
+        console.print(
+            "no workspace here: checking the folder alone (not against taught classes)", markup=False
+        )
+    else:
+        settings = loaded or settings
+        with _reader(ws, loaded)() as s:
+            taught = catalog.unavailable_class_names(session=s)
+            known = catalog.live_batch_hashes(session=s)
+    limits = settings.limits
+    result = validate_batch(
+        folder,
+        taught_names=taught,
+        known_hashes=known,
+        max_batch_bytes=limits.max_batch_bytes,
+        max_files=limits.max_files,
+        max_image_pixels=limits.max_image_pixels,
+        max_image_side=limits.max_image_side,
+    )
+    name = printable(Path(os.path.abspath(folder)).name)
+    if result.batch is None:
+        typer.echo(rejection_report(name, result.problems, None), nl=False)
+        raise typer.Exit(code=1)
+    b = result.batch
+    classes = ", ".join(f"{value} = {n}" for value, n in sorted(b.classes.items()))
+    console.print(
+        f"Batch {name!r} would be accepted ({b.kind}): {len(b.train_stems)} images, "
+        f"{len(b.val_stems)} held out; classes {classes}",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 # --- status, classes --------------------------------------------------------------------------------------
@@ -154,20 +268,21 @@ def status(
     """
     from ciss_daemon import status as status_view
 
-    ws, settings = _open(workspace)
+    ws, settings = _open_to_read(workspace)
     factory = _reader(ws, settings)
     if as_json:
-        print(json.dumps(status_view.snapshot(ws, factory), indent=2))
+        print(json.dumps(status_view.snapshot(ws, factory, settings=settings), indent=2))
         return
     if not watch:
-        console.print(status_view.render(status_view.snapshot(ws, factory), ws))
+        console.print(status_view.render(status_view.snapshot(ws, factory, settings=settings), ws))
         return
     from rich.live import Live
 
     with Live(console=console, auto_refresh=False) as live:
         try:
             while True:
-                live.update(status_view.render(status_view.snapshot(ws, factory), ws), refresh=True)
+                data = status_view.snapshot(ws, factory, settings=settings)
+                live.update(status_view.render(data, ws), refresh=True)
                 time.sleep(1.0)
         except KeyboardInterrupt:
             pass
@@ -185,12 +300,33 @@ def classes(
     """
     from ciss_daemon import status as status_view
 
-    ws, settings = _open(workspace)
+    ws, settings = _open_to_read(workspace)
     rows = status_view.class_rows(_reader(ws, settings))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     console.print(status_view.class_table(rows))
+
+
+@app.command()
+@friendly
+def models(
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List every model: version, step, state, when, mIoU in both groupings, which one is current and
+    which ones `ciss rollback` accepts.
+
+    Example: ciss models --json
+    """
+    from ciss_daemon import status as status_view
+
+    ws, settings = _open_to_read(workspace)
+    rows = status_view.model_rows(_reader(ws, settings))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    console.print(status_view.model_table(rows))
 
 
 # --- operator ----------------------------------------------------------------------------------------------
@@ -200,7 +336,7 @@ def _operate(workspace: Path | None, action: str, target: str | None) -> None:
     from ciss_daemon.operator import run_action
 
     ws, settings = _open(workspace)
-    console.print(run_action(ws, ws.catalog_url(settings), action, target))
+    console.print(run_action(ws, ws.catalog_url(settings), action, target), markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -276,6 +412,22 @@ def web(
     serve(ws, settings, host=host, port=port)
 
 
+@app.command()
+@friendly
+def prune(
+    depth: Annotated[
+        int, typer.Option(help="Rollback targets to keep: the newest models `ciss rollback` accepts.")
+    ] = 2,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Remove model folders that are neither current, nor waiting for a decision, nor within the rollback
+    depth; say what was freed. The catalog keeps their metrics. Old checkpoints go by daemon.keep_checkpoints.
+
+    Example: ciss prune --depth 1
+    """
+    _operate(workspace, "prune", str(depth))
+
+
 # --- models: eval, predict, report, export ---------------------------------------------------------------
 
 
@@ -286,7 +438,12 @@ def _model_dir(ws: Any, factory: Any, version: str | None) -> Path:
 
     if version:
         with factory() as s:
-            return Path(catalog.find_version(session=s, version=version).path)
+            path = Path(catalog.find_version(session=s, version=version).path)
+        if not path.is_dir():
+            raise CissError(
+                f"model {version} was pruned (its folder is gone); `ciss models` lists the others"
+            )
+        return path
     current = resolve_current(ws.models)
     if current is None:
         raise CissError(f"no model has been promoted yet in {ws.root}; drop a batch into {ws.inbox} first")
@@ -297,22 +454,41 @@ def _model_dir(ws: Any, factory: Any, version: str | None) -> Path:
 @friendly
 def eval_(
     version: Annotated[str | None, typer.Option("--model", help="Model version; default: current.")] = None,
+    folder: Annotated[
+        Path | None,
+        typer.Option("--folder", help="A batch folder to evaluate on instead of the steps' held-out sets."),
+    ] = None,
     workspace: WorkspaceOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
-    """Evaluate a model on the held-out images of every step and every evaluation batch.
+    """Evaluate a model on the held-out images of every step and every evaluation batch, or on one folder.
 
     Example: ciss eval --model v0002
     """
+    from rich.status import Status
+
     from ciss_daemon import status as status_view
     from ciss_daemon.planning import evaluate_version
 
     ws, settings = _open(workspace)
     factory = _reader(ws, settings)
-    metrics, names = evaluate_version(factory, _model_dir(ws, factory, version), settings)
+    with Status("loading the model", console=Console(stderr=True)) as spinner:
+        metrics, names, scope = evaluate_version(
+            factory,
+            _model_dir(ws, factory, version),
+            settings,
+            folder=folder,
+            starting=lambda words: spinner.update(words),
+        )
     if as_json:
-        print(json.dumps(metrics.to_dict(), indent=2))
+        print(json.dumps({**scope, **metrics.to_dict()}, indent=2))
         return
+    console.print(
+        f"{scope['model']} on {scope['images']} images: "
+        + ", ".join(f"{name} ({n})" for name, n in scope["sets"].items()),
+        markup=False,
+        highlight=False,
+    )
     console.print(status_view.metrics_table(metrics, names))
 
 
@@ -331,12 +507,21 @@ def predict(
     """
     from rich.progress import Progress
 
+    from ciss_daemon.planning import class_colours
     from ciss_daemon.visualize import expand_inputs, predict_images
+    from engine.exceptions import ConfigError
+    from engine.runner import resolve_device
 
     ws, settings = _open(workspace)
-    model_dir = _model_dir(ws, _reader(ws, settings), version)
+    factory = _reader(ws, settings)
+    model_dir = _model_dir(ws, factory, version)
+    try:
+        resolve_device(device)
+    except ConfigError:
+        raise CissError(f"--device {device}: no CUDA device is visible; use --device auto or cpu") from None
     files = expand_inputs(images)
-    with Progress(console=console, transient=True) as bar:
+    errors = Console(stderr=True)
+    with Progress(console=errors, transient=True, disable=not errors.is_terminal) as bar:
         task = bar.add_task("predicting", total=len(files))
         results = predict_images(
             model_dir,
@@ -344,11 +529,18 @@ def predict(
             out,
             device=device,
             progress=lambda done, total: bar.update(task, completed=done),
+            class_colours=class_colours(factory),
         )
     failed = [r for r in results if not r.ok]
     for r in failed:
-        typer.echo(f"skipped {r.image}: {r.error}", err=True)
-    console.print(f"{len(results) - len(failed)} of {len(results)} images predicted into {out}")
+        typer.echo(f"skipped {r.error}", err=True)  # the error names the file
+    for r in results:
+        if r.labels is not None and r.labels.name != f"{r.image.stem}.labels.png":
+            stem = r.labels.name.removesuffix(".labels.png")
+            typer.echo(f"{r.image} is written as {stem}.*: another input is also named {r.image.stem}")
+    done = len(results) - len(failed)
+    where = f"into {out}" if done else "(nothing written)"
+    console.print(f"{done} of {len(results)} images predicted {where}", markup=False, soft_wrap=True)
     if failed:
         raise typer.Exit(code=1)
 
@@ -366,31 +558,44 @@ def report(
 
     Example: ciss report --out report/
     """
+    from rich.status import Status
+
     from ciss_daemon.planning import report_data
     from ciss_daemon.report import build_report
 
     ws, settings = _open(workspace)
-    page = build_report(report_data(ws, _reader(ws, settings), samples=samples), out)
-    console.print(f"Report written to {page}")
+    with Status("predicting the sample images", console=Console(stderr=True)) as spinner:
+        data = report_data(ws, _reader(ws, settings), samples=samples)
+        page = build_report(data, out, progress=spinner.update)
+    console.print(f"Report written to {page}", markup=False, soft_wrap=True)
 
 
 @app.command()
 @friendly
 def export(
     out: Annotated[Path, typer.Argument(help="File to write, e.g. model.onnx or model.pt.")],
-    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="onnx or torchscript; default: from the extension (.onnx, .pt).",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[str | None, typer.Option("--model", help="Model version; default: current.")] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Export a model as a file another program loads without ciss (class names and palette inside).
 
-    Example: ciss export model.onnx --format onnx
+    Example: ciss export model.onnx
     """
     from ciss_daemon.export import export_model
+    from ciss_daemon.planning import class_colours
 
     ws, settings = _open(workspace)
-    path = export_model(_model_dir(ws, _reader(ws, settings), version), out, fmt)
-    console.print(f"Exported to {path}")
+    factory = _reader(ws, settings)
+    path = export_model(_model_dir(ws, factory, version), out, fmt, colours=class_colours(factory))
+    console.print(f"Exported to {path}", markup=False, soft_wrap=True)
 
 
 # --- demo ---------------------------------------------------------------------------------------------------

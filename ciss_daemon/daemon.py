@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import catalog, service
-from ciss_daemon.db import Class, Job, ModelVersion, Step
+from ciss_daemon.db import Job, ModelVersion
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.inbox import (
     SUBMITTED_MARKER,
@@ -35,11 +35,13 @@ from ciss_daemon.inbox import (
     reject_folder,
     store_folder,
 )
-from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan
+from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan, temp_files
 from ciss_daemon.notify import Notifier, last_event_id, new_events
 from ciss_daemon.operator import apply_requests, promote
-from ciss_daemon.planning import build_request
+from ciss_daemon.planning import build_request, next_opening, training_window
+from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
 from ciss_daemon.promotion import current_target, fsync_dir, gate, swap_current
+from ciss_daemon.retention import CHECKPOINT, prune_checkpoints
 from ciss_daemon.settings import Settings
 from ciss_daemon.validation import Problem, ValidatedBatch, printable, validate_batch
 from ciss_daemon.worker import CANDIDATE
@@ -79,6 +81,8 @@ class Daemon:
         self.process: TrainingProcess | None = None
         self.process_job_id: int | None = None
         self.last_progress_write = 0.0
+        self.slow_jobs_warned: set[int] = set()
+        self.resume_logged: tuple[int, int] | None = None  # (job id, attempt) whose resume was logged
         # After recording a finished job failed (e.g. a full disk): when to try again, and the last error.
         self.outcome_retry_at = 0.0
         self.outcome_error: str | None = None
@@ -108,10 +112,7 @@ class Daemon:
         if backup is not None:
             log.info("catalog upgraded; the previous one is saved at %s", backup)
         self.factory = catalog.session_factory(catalog.make_engine(url))
-        if self.settings.daemon.training_window:
-            from apscheduler.triggers.cron import CronTrigger
-
-            self.window = CronTrigger.from_crontab(self.settings.daemon.training_window, timezone=dt.UTC)
+        self.window = training_window(self.settings.daemon.training_window)
         self.recover()
         self._start_extras()
         if self.watch:
@@ -198,6 +199,8 @@ class Daemon:
         """Stop the training child (it checkpoints), requeue its job, stop timers and watcher, unlock."""
         if self.process is not None:
             outcome = self.process.stop(self.settings.daemon.stop_timeout_seconds)
+            if outcome.timed_out:
+                log.warning("job %s: %s", self.process_job_id, outcome.reason)
             try:
                 self.handle_outcome(outcome, self.clock(), stopping=True)
             except Exception:
@@ -270,7 +273,7 @@ class Daemon:
     def ingest(self, folder: Path, now: float) -> None:
         """Validate a complete folder; accept it as a batch (and a step) or reject it with its reasons."""
         with self.session() as s:
-            unavailable = self.unavailable_names(s)
+            unavailable = catalog.unavailable_class_names(session=s)
             known = catalog.live_batch_hashes(session=s)
         limits = self.settings.limits
         result = validate_batch(
@@ -330,13 +333,6 @@ class Daemon:
             catalog.log_event(session=s, kind="accepted", message=message, step=step, now=utc(now))
         return message
 
-    def unavailable_names(self, s: Session) -> set[str]:
-        """Class names a new training batch may not declare: taught, or pending in an unfinished step."""
-        rows = s.execute(
-            select(Class.name, Class.taught, Step.state).outerjoin(Step, Class.step_id == Step.id)
-        )
-        return {name for name, taught, state in rows if taught or state not in catalog.RELEASED_STATES}
-
     def reject(self, folder: Path, problems: list[Problem], now: float) -> None:
         moved = reject_folder(folder, rejected=self.ws.rejected, problems=problems, now=utc(now))
         reasons = [str(p) for p in problems]
@@ -379,8 +375,7 @@ class Daemon:
         disk. Runs at start-up, after orphan workers are stopped and under the lock: nothing writes them.
         """
         files = [
-            *self.ws.jobs.glob("*/.*.tmp"),
-            *self.ws.jobs.glob(f"*/{CANDIDATE}/.*.tmp"),
+            *(path for job_dir in self.ws.jobs.iterdir() if job_dir.is_dir() for path in temp_files(job_dir)),
             *self.ws.models.glob(".*.tmp"),
             *self.ws.models.glob("*/.*.tmp"),
         ]
@@ -466,25 +461,23 @@ class Daemon:
             # A job whose attempts are spent never comes back to the queue: end_attempt fails its step.
             # Built in the same transaction as start_job: class ids of waiting steps may still move.
             request = build_request(s, step, job, self.settings)
+            # A checkpoint means a resume; the worker's first progress report says at which iteration.
+            verb = "resumes from its checkpoint" if Path(job.workdir, CHECKPOINT).exists() else "started"
             process = TrainingProcess.start(Path(job.workdir), request)
             catalog.start_job(session=s, job=job, pid=process.pid, now=utc(now))
             catalog.log_event(
                 session=s,
                 kind="training",
-                message=f"step {step.index} training started (attempt {job.attempts} of {job.max_attempts})",
+                message=f"step {step.index} training {verb} (attempt {job.attempts} of {job.max_attempts})",
                 step=step,
                 now=utc(now),
             )
         self.process, self.process_job_id = process, job.id
         service.notify(STATUS=f"training step {step.index}")
-        log.info("step %d: training started (job %d, pid %d)", step.index, job.id, process.pid)
+        log.info("step %d: training %s (job %d, pid %d)", step.index, verb, job.id, process.pid)
 
     def window_open(self, now: float) -> bool:
-        if self.window is None:
-            return True
-        minute = utc(now).replace(second=0, microsecond=0)
-        fire = self.window.get_next_fire_time(None, minute)
-        return fire is not None and fire <= minute
+        return next_opening(self.window, now) is None
 
     def poll_job(self, now: float) -> None:
         """Copy the child's progress into the catalog; handle its end."""
@@ -504,6 +497,7 @@ class Daemon:
             self.outcome_failed(error, now)
             return
         self.process, self.outcome_error, self.outcome_retry_at = None, None, 0.0
+        self.retention_due = True  # a finished job's checkpoint may go now, not within the hour
         service.notify(STATUS="watching the inbox")
 
     def outcome_failed(self, error: Exception, now: float) -> None:
@@ -556,8 +550,36 @@ class Daemon:
             if job is None or job.state != "running":
                 return
             catalog.update_job_progress(session=s, job=job, progress=progress, now=utc(now))
+            self.warn_if_stop_would_kill(s, job, progress, now)
+            resumed = progress.get("resumed_at")
+            if resumed and self.resume_logged != (job.id, job.attempts):
+                self.resume_logged = (job.id, job.attempts)
+                message = f"step {job.step.index} training resumed at iteration {resumed}"
+                log.info("%s", message)
+                catalog.log_event(session=s, kind="training", message=message, step=job.step, now=utc(now))
             if progress.get("phase") == "evaluating" and job.step.state == "training":
                 catalog.set_step_state(session=s, step=job.step, state="evaluating", now=utc(now))
+
+    def warn_if_stop_would_kill(self, s: Session, job: Job, progress: dict[str, Any], now: float) -> None:
+        """Once per job: say when one iteration outlasts the stop timeout, so a stop would kill training."""
+        rate = progress.get("images_per_second") or 0.0
+        timeout = self.settings.daemon.stop_timeout_seconds
+        if job.id in self.slow_jobs_warned or rate <= 0:
+            return
+        seconds = self.settings.engine.train.batch_size / rate
+        if seconds <= timeout:
+            return
+        self.slow_jobs_warned.add(job.id)
+        message = (
+            f"step {job.step.index}: one iteration takes about {seconds:.0f} s, longer than "
+            f"daemon.stop_timeout_seconds ({timeout:g} s): a stop would kill training and lose the work "
+            "since its last checkpoint; raise the timeout (and the unit's TimeoutStopSec) or train with "
+            "smaller settings"
+        )
+        log.warning("%s", message)
+        catalog.log_event(
+            session=s, kind="slow", level="warning", message=message, step=job.step, now=utc(now)
+        )
 
     def handle_outcome(self, outcome: Outcome, now: float, *, stopping: bool = False) -> None:
         with self.session() as s:
@@ -627,12 +649,11 @@ class Daemon:
         log.warning("step %d: %s held: %s", step.index, version.version, reason)
 
     def retention(self) -> None:
-        """Delete the checkpoints of finished jobs: their model or their failure is recorded."""
+        """Delete checkpoints of finished jobs beyond ``daemon.keep_checkpoints``; log what it freed."""
         with self.session() as s:
-            finished = s.scalars(select(Job.workdir).where(Job.state.in_(("done", "failed", "cancelled"))))
-            for workdir in finished:
-                if workdir:
-                    Path(workdir, "checkpoint.pt").unlink(missing_ok=True)
+            freed = prune_checkpoints(s, keep=self.settings.daemon.keep_checkpoints)
+        if freed.count:
+            log.info("retention: %s", freed.words("checkpoint"))
 
 
 def holds_files(folder: Path, files: dict[str, str]) -> bool:
@@ -654,7 +675,10 @@ def holds_files(folder: Path, files: dict[str, str]) -> bool:
 
 def run_daemon(workspace: Workspace, settings: Settings) -> int:
     """Entry point of ``ciss daemon``."""
-    service.setup_logging(settings.daemon.log_level)
+    service.setup_logging(settings.daemon.log_level, workspace.log_path)
+    mismatch = cpu_mismatch(settings, gpu_visible=nvidia_gpu_visible())
+    if mismatch is not None:
+        log.warning("%s", mismatch)
     try:
         return Daemon(workspace, settings).run()
     except CissError as error:

@@ -20,13 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.visualize import palette
+from ciss_daemon.visualize import class_palette
 from engine.data import IMAGENET_MEAN, IMAGENET_STD
 from engine.evaluate import predict_labels
 from engine.model import DKDSegmenter, upsample
 from engine.runner import load_model
 
 FORMATS = ("torchscript", "onnx")
+# File name endings that say the format.
+SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".torchscript": "torchscript"}
 METADATA_KEY = "ciss.json"
 ONNX_OPSET = 17
 EXPORT_FORMAT_VERSION = 1
@@ -53,15 +55,18 @@ class ExportedSegmenter(nn.Module):
         return predict_labels(logits), torch.sigmoid(logits[:, 1:])
 
 
-def export_metadata(meta: dict[str, Any], num_classes: int) -> dict[str, Any]:
+def export_metadata(
+    meta: dict[str, Any], num_classes: int, colours: dict[str, tuple[int, int, int]] | None = None
+) -> dict[str, Any]:
     """The JSON document stored in the exported file: what a consumer needs to feed it and read it."""
     names = {int(c["id"]): str(c["name"]) for c in meta["classes"]}
+    table = class_palette({**dict.fromkeys(range(1, num_classes + 1), ""), **names}, colours)
     return {
         "format": "ciss-segmenter",
         "format_version": EXPORT_FORMAT_VERSION,
         "step_index": meta.get("step_index"),
         "classes": [{"id": 0, "name": "background"}, *({"id": k, "name": names[k]} for k in sorted(names))],
-        "palette": palette(num_classes).tolist(),  # row k: RGB colour of class k
+        "palette": table.tolist(),  # row k: RGB colour of class k
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "input": {
@@ -77,20 +82,46 @@ def export_metadata(meta: dict[str, Any], num_classes: int) -> dict[str, Any]:
     }
 
 
-def export_model(model_dir: Path, out: Path, fmt: str) -> Path:
-    """Write the model in ``model_dir`` to ``out`` as ``fmt`` ("torchscript" or "onnx"); returns ``out``.
+def export_format(out: Path, fmt: str | None) -> str:
+    """The format to write ``out`` in: ``fmt`` when given, else the one its extension names; a given
+    format that contradicts the extension is refused (an ONNX graph in a ``.pt`` file misleads its reader).
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
+    named = SUFFIXES.get(out.suffix.lower())
+    if fmt is None and named is None:
+        raise ExportError(
+            f"cannot tell the format from the name {out.name}; end it in .onnx or .pt, or pass --format"
+        )
+    if fmt is not None and named is not None and fmt != named:
+        wanted = next(suffix for suffix, f in SUFFIXES.items() if f == fmt)
+        raise ExportError(
+            f"{out.name} names a {named} file but --format is {fmt}; name it {out.stem}{wanted} "
+            "or leave --format out"
+        )
+    return fmt or named  # type: ignore[return-value]
+
+
+def export_model(
+    model_dir: Path,
+    out: Path,
+    fmt: str | None = None,
+    *,
+    colours: dict[str, tuple[int, int, int]] | None = None,
+) -> Path:
+    """Write the model in ``model_dir`` to ``out`` as ``fmt`` ("torchscript" or "onnx"; default: what the
+    extension of ``out`` says); returns ``out``.
 
     ``model_dir`` must be a resolved model folder (``promotion.resolve_current``). The file appears whole or
     not at all: it is written beside ``out`` and renamed into place.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
     out = Path(out)
+    fmt = export_format(out, fmt)
     if not out.parent.is_dir():
         raise ExportError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
     model, meta = load_model(Path(model_dir), "cpu")
     wrapper = ExportedSegmenter(model).eval()
-    document = json.dumps(export_metadata(meta, model.num_classes), indent=2)
+    document = json.dumps(export_metadata(meta, model.num_classes, colours), indent=2)
     example = torch.randn(1, 3, _TRACE_SIZE, _TRACE_SIZE)
     partial = out.with_name(f".{out.name}.partial")
     try:

@@ -22,6 +22,7 @@ from watchdog.observers.api import BaseObserver
 from ciss_daemon.exceptions import SubmitError, WorkspaceError
 from ciss_daemon.promotion import fsync_dir
 from ciss_daemon.validation import MANIFEST, Problem, printable
+from ciss_daemon.workspace import cannot_write
 
 STAGING = ".staging"
 REJECTION_REPORT = "REJECTED.txt"
@@ -146,8 +147,14 @@ def submit_folder(source: Path, inbox: Path) -> Path:
     if os.path.lexists(target):
         raise SubmitError(f"a batch named {name} is already in the inbox; rename the folder or wait")
     staging_root = inbox / STAGING
-    staging_root.mkdir(exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging_root))
+    try:
+        staging_root.mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=staging_root))
+    except OSError as exc:
+        # Name the inbox the user knows, not the random staging folder that could not be made.
+        raise cannot_write(OSError(exc.errno, exc.strerror, str(inbox))) or SubmitError(
+            f"could not copy {source} into the inbox ({exc}); check the free space and permissions"
+        ) from None
     try:
         # copytree ends with copystat, so the folder gets the source's permissions, not mkdtemp's 0700.
         shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
@@ -235,11 +242,17 @@ def reject_folder(folder: Path, *, rejected: Path, problems: Sequence[Problem], 
     return destination
 
 
-def rejection_report(name: str, problems: Sequence[Problem], now: datetime) -> str:
-    """REJECTED.txt's text: when, every problem (file, what is wrong, what to do), and how to resubmit."""
-    when = _as_utc(now).strftime("%Y-%m-%d at %H:%M:%S UTC")
+def rejection_report(name: str, problems: Sequence[Problem], now: datetime | None) -> str:
+    """REJECTED.txt's text: when, every problem (file, what is wrong, what to do), and how to resubmit.
+
+    ``now`` None: what ``ciss check`` prints, the report the batch would get if it were submitted.
+    """
     count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-    lines = [f'Batch "{printable(name)}" was rejected on {when}, because of {count}:', ""]
+    if now is None:
+        verdict = "would be rejected"
+    else:
+        verdict = f"was rejected on {_as_utc(now).strftime('%Y-%m-%d at %H:%M:%S UTC')}"
+    lines = [f'Batch "{printable(name)}" {verdict}, because of {count}:', ""]
     for number, problem in enumerate(problems, start=1):
         lines.append(f"{number}. {problem.file}: {problem.what}")
         lines.append(f"   What to do: {problem.todo}")

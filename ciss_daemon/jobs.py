@@ -28,6 +28,27 @@ class Outcome:
     kind: str  # "done" | "stopped" | "failed" | "crashed"
     reason: str = ""
     result: dict[str, Any] | None = None
+    timed_out: bool = False  # killed after daemon.stop_timeout_seconds without a checkpoint
+
+
+def timeout_reason(timeout: float) -> str:
+    return (
+        f"training did not checkpoint within daemon.stop_timeout_seconds ({timeout:g} s) and was killed "
+        "(raise the timeout above the time of one iteration)"
+    )
+
+
+def temp_files(job_dir: Path) -> list[Path]:
+    """Half-written files of a job folder: checkpoints and candidate files are written as ``.*.tmp``."""
+    return [*job_dir.glob(".*.tmp"), *job_dir.glob(f"{worker.CANDIDATE}/.*.tmp")]
+
+
+def remove_temp_files(job_dir: Path) -> int:
+    """Delete what a killed worker was writing; returns how many files."""
+    files = [p for p in temp_files(job_dir) if p.is_symlink() or p.is_file()]
+    for path in files:
+        path.unlink(missing_ok=True)
+    return len(files)
 
 
 class TrainingProcess:
@@ -77,7 +98,11 @@ class TrainingProcess:
         return outcome_of(self.job_dir, code)
 
     def stop(self, timeout: float) -> Outcome:
-        """Ask the child to checkpoint and exit (SIGTERM); kill it after ``timeout`` seconds."""
+        """Ask the child to checkpoint and exit (SIGTERM); kill it after ``timeout`` seconds.
+
+        A kill may come in the middle of a checkpoint: its temporary file is removed at once (the last
+        whole checkpoint stays), and the outcome says the timeout, not an unexplained SIGKILL.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -85,6 +110,8 @@ class TrainingProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+                remove_temp_files(self.job_dir)
+                return Outcome("crashed", timeout_reason(timeout), timed_out=True)
         return outcome_of(self.job_dir, self.process.returncode)
 
 
@@ -126,6 +153,9 @@ def stop_orphan(pid: int | None, job_dir: Path, timeout: float) -> None:
         time.sleep(0.1)
     if _is_worker(pid, job_dir):
         os.kill(pid, signal.SIGKILL)
+        while _is_worker(pid, job_dir):
+            time.sleep(0.05)
+        remove_temp_files(job_dir)
 
 
 def _is_worker(pid: int, job_dir: Path) -> bool:

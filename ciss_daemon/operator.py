@@ -1,4 +1,4 @@
-"""Operator actions: ``ciss promote``, ``ciss discard``, ``ciss rollback``.
+"""Operator actions: ``ciss promote``, ``ciss discard``, ``ciss rollback``, ``ciss prune``.
 
 The daemon is the catalog's only writer, so while it runs the CLI hands it a request file in
 ``requests/`` and waits for the answer; when no daemon runs, the CLI takes the daemon's lock (so none can
@@ -28,9 +28,10 @@ from ciss_daemon import catalog, service
 from ciss_daemon.db import ModelVersion, Step
 from ciss_daemon.exceptions import CissError, OperatorError
 from ciss_daemon.promotion import swap_current
+from ciss_daemon.retention import prune
 from ciss_daemon.workspace import Workspace
 
-ACTIONS = ("promote", "discard", "rollback")
+ACTIONS = ("promote", "discard", "rollback", "prune")
 
 
 def _utc(now: float) -> dt.datetime:
@@ -101,6 +102,11 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
         if not target:
             raise OperatorError("name the model to roll back to, e.g. `ciss rollback v0002`")
         version = catalog.find_version(session=s, version=target)
+        if not Path(version.path).is_dir():
+            raise OperatorError(
+                f"model {version.version} was pruned (its folder is gone); "
+                "`ciss models` lists the models you can roll back to"
+            )
         steps = catalog.rollback_to(session=s, version=version, now=_utc(now))
         swap_current(ws.models, version.version)
         names = ", ".join(c.name for st in steps for c in st.classes) or "none"
@@ -112,6 +118,10 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
             now=_utc(now),
         )
         return f"{version.version} is the current model again; classes no longer taught: {names}"
+    if action == "prune":
+        message = prune(s, target)
+        catalog.log_event(session=s, kind="pruned", message=message, now=_utc(now))
+        return message
     raise OperatorError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
 
 

@@ -7,6 +7,8 @@ module level.
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import catalog
 from ciss_daemon.db import Batch, Job, Step
+from ciss_daemon.exceptions import CissError
 from ciss_daemon.settings import Settings
 from ciss_daemon.worker import CANDIDATE
 
@@ -77,35 +80,99 @@ def build_request(s: Session, step: Step, job: Job, settings: Settings) -> dict[
     }
 
 
-def evaluate_version(factory: sessionmaker[Session], model_dir: Path, settings: Settings) -> tuple[Any, dict]:
-    """``ciss eval``: metrics of the model in ``model_dir`` on every held-out set of its classes' steps.
+def training_window(expression: str) -> Any:
+    """The cron trigger of ``daemon.training_window`` (in UTC), or None when training may start any time."""
+    if not expression:
+        return None
+    from apscheduler.triggers.cron import CronTrigger
+
+    return CronTrigger.from_crontab(expression, timezone=dt.UTC)
+
+
+def next_opening(window: Any, now: float) -> dt.datetime | None:
+    """None when the training window is open at ``now`` (or there is none); else when it opens next (UTC).
+
+    The window is a set of whole minutes: it is open when the trigger fires in the current minute.
+    """
+    if window is None:
+        return None
+    minute = dt.datetime.fromtimestamp(now, dt.UTC).replace(second=0, microsecond=0)
+    fire = window.get_next_fire_time(None, minute)
+    if fire is not None and fire <= minute:
+        return None
+    # Never: a window such as Feb 30th; far enough to read as "never" and still a datetime.
+    return fire or dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def evaluate_version(
+    factory: sessionmaker[Session],
+    model_dir: Path,
+    settings: Settings,
+    *,
+    folder: Path | None = None,
+    starting: Callable[[str], None] | None = None,
+) -> tuple[Any, dict, dict[str, Any]]:
+    """``ciss eval``: metrics of the model in ``model_dir`` on every held-out set of its classes' steps, or
+    on the batch ``folder``; also what was evaluated (model, images, sets), said first to ``starting``.
 
     Old classes are those of every step before the model's last one, new classes those of its last step.
     """
+    from engine.data import read_manifest
     from engine.runner import BatchRef, eval_groups, evaluate_model, load_model, resolve_device
 
     device = resolve_device(settings.daemon.device)
     model, meta = load_model(model_dir, device)
     names = {c["id"]: c["name"] for c in meta["classes"]}
     last_step = max(c["step"] for c in meta["classes"])
-    with factory() as s:
-        refs = eval_refs(s, steps_teaching(s, list(names.values())), {n: i for i, n in names.items()})
-    batches = [
-        BatchRef(r["name"], Path(r["folder"]), {int(k): v for k, v in r["value_map"].items()}, r["kind"])
-        for r in refs
-    ]
+    if folder is None:
+        with factory() as s:
+            refs = eval_refs(s, steps_teaching(s, list(names.values())), {n: i for i, n in names.items()})
+        batches = [
+            BatchRef(r["name"], Path(r["folder"]), {int(k): v for k, v in r["value_map"].items()}, r["kind"])
+            for r in refs
+        ]
+    else:
+        manifest = read_manifest(folder)
+        ids = {n: i for i, n in names.items()}
+        # Values of classes the model does not know are left out of the map, so they are ignored.
+        value_map = {v: ids[n] for v, n in manifest.classes.items() if n in ids}
+        batches = [BatchRef(manifest.name, Path(folder), value_map, manifest.kind)]
+    groups = eval_groups(batches)
+    counts = {name: len(dataset) for name, _, dataset in groups}
+    scope = {"model": model_dir.name, "images": sum(counts.values()), "sets": counts}
+    if not scope["images"]:
+        where = f"batch {folder}" if folder is not None else "the steps of this model"
+        raise CissError(
+            f"no held-out images in {where}: a training batch is evaluated on its val/ folder; add one, "
+            'or mark a fully labelled folder kind = "eval" in batch.toml'
+        )
+    if starting is not None:
+        starting(f"evaluating {scope['model']} on {scope['images']} images of {len(counts)} sets")
     new = [c["id"] for c in meta["classes"] if c["step"] == last_step]
     old = [c["id"] for c in meta["classes"] if c["step"] != last_step] or new
     metrics = evaluate_model(
         model,
-        eval_groups(batches),
+        groups,
         num_classes=model.num_classes,
         old_classes=old,
         new_classes=new if last_step > 0 else [],
         device=device,
         base_classes=[c["id"] for c in meta["classes"] if c["step"] == 0],
     )
-    return metrics, names
+    return metrics, names, scope
+
+
+def class_colours(factory: sessionmaker[Session]) -> dict[str, tuple[int, int, int]]:
+    """Class name -> RGB from the [colors] tables of the stored batches (the first batch naming a class)."""
+    from ciss_daemon.validation import manifest_colours
+
+    with factory() as s:
+        folders = [Path(p) for p in s.scalars(select(Batch.store_path).order_by(Batch.id))]
+    colours: dict[str, tuple[int, int, int]] = {}
+    for folder in folders:
+        for name, rgb in manifest_colours(folder).items():
+            colours.setdefault(name, rgb)
+    return colours
 
 
 def steps_teaching(s: Session, names: list[str]) -> list[Step]:
@@ -125,7 +192,7 @@ def steps_teaching(s: Session, names: list[str]) -> list[Step]:
 def report_data(ws: Any, factory: sessionmaker[Session], *, samples: int = 4) -> Any:
     """``ciss report``: metrics and loss curves of every step's model, plus sample predictions."""
     from ciss_daemon.promotion import resolve_current
-    from ciss_daemon.report import ReportData, StepReport, sample_predictions
+    from ciss_daemon.report import ReportData, StepReport, distinct_pairs, sample_predictions
 
     with factory() as s:
         names = {cid: name for cid, name, _ in catalog.class_map(session=s, upto_step=10**9)}
@@ -158,6 +225,13 @@ def report_data(ws: Any, factory: sessionmaker[Session], *, samples: int = 4) ->
                     if image is not None:
                         pairs.append((image, mask, value_map))
     model_dir = resolve_current(ws.models)
+    pairs = distinct_pairs(pairs)
     picked = pairs[:: max(1, len(pairs) // samples)][:samples] if pairs else []
     shown = sample_predictions(model_dir, picked, samples) if model_dir is not None and picked else []
-    return ReportData(class_names=names, steps=steps, samples=shown, title=f"ciss report: {ws.root}")
+    return ReportData(
+        class_names=names,
+        steps=steps,
+        samples=shown,
+        title=f"ciss report: {ws.root}",
+        colours=class_colours(factory),
+    )

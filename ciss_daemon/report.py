@@ -12,10 +12,11 @@ figure state, safe in a daemon or a thread. IoUs are fractions in the data and s
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,12 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.visualize import OUT_OF_PALETTE, colour_mask, palette, predict_image
+from ciss_daemon.visualize import OUT_OF_PALETTE, class_palette, colour_mask, predict_image
 from engine.data import label_lut, read_image, read_mask, remap
 from engine.runner import load_model, resolve_device
 
 REPORT_FILE = "report.html"
-SUMMARY_KEYS = (
+SUMMARY_KEYS = (  # the gate's grouping: old = background and every class before the step
     ("miou_all", "mIoU all"),
     ("miou_old", "mIoU old"),
     ("miou_new", "mIoU new"),
@@ -43,6 +44,7 @@ SUMMARY_KEYS = (
 )
 LOSS_ORDER = ("mbce", "kd", "dkd_pos", "dkd_neg", "ac", "total")
 IGNORE = 255
+LEGEND_COLUMNS = 4
 _DPI = 100
 
 # One held-out example: image (H, W, 3) uint8, ground truth (H, W) and prediction (H, W) of global class ids
@@ -71,6 +73,7 @@ class ReportData:
     steps: list[StepReport]  # in the order to show them (usually by step index)
     samples: list[Sample] = field(default_factory=list)
     title: str = "ciss report"
+    colours: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # name -> RGB, from [colors]
 
 
 def _number(value: Any) -> float:
@@ -120,6 +123,11 @@ def summary_figure(steps: Sequence[StepReport]) -> Figure | None:
         values = np.array([_number((step.metrics or {}).get(key)) for step in steps])
         # NaN leaves a gap in the line; markers keep a single step (or an isolated value) visible.
         axes.plot(positions, 100 * values, marker="o", label=label)
+    # The paper's grouping (old = background + base classes), dashed, where the metrics hold it.
+    for key, label in SUMMARY_KEYS[1:]:
+        values = np.array([_number(((step.metrics or {}).get("paper") or {}).get(key)) for step in steps])
+        if not np.isnan(values).all():
+            axes.plot(positions, 100 * values, marker="s", linestyle="--", label=f"{label}, paper grouping")
     axes.set_xticks(positions, [_step_label(step) for step in steps])
     axes.set_xlim(-0.5, len(steps) - 0.5)
     axes.set_ylim(0, 100)
@@ -178,7 +186,9 @@ def loss_figure(steps: Sequence[StepReport]) -> Figure | None:
                 continue
             values = [_number(epoch.get(key)) for epoch in step.history]
             marker = "o" if len(epochs) <= 30 else None
-            axes.plot(epochs, values, marker=marker, markersize=3, color=f"C{index % 10}", label=key)
+            label = "total (weighted sum)" if key == "total" else key
+            style = "--" if key == "total" else "-"
+            axes.plot(epochs, values, style, marker=marker, markersize=3, color=f"C{index % 10}", label=label)
         axes.set_title(f"step {step.index}" + (f" ({step.version})" if step.version else ""))
         axes.set_xlabel("epoch")
         axes.set_xlim(0.5, len(epochs) + 0.5)
@@ -186,7 +196,7 @@ def loss_figure(steps: Sequence[StepReport]) -> Figure | None:
             axes.set_xticks(epochs)
         else:
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_ylabel("loss")
+        axes.set_ylabel("loss (terms unweighted)")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="x-small")
     for axes in panels[len(trained) :]:
@@ -194,15 +204,23 @@ def loss_figure(steps: Sequence[StepReport]) -> Figure | None:
     return figure
 
 
-def samples_figure(samples: Sequence[Sample], class_names: dict[int, str]) -> Figure | None:
+def samples_figure(
+    samples: Sequence[Sample],
+    class_names: dict[int, str],
+    class_colours: dict[str, tuple[int, int, int]] | None = None,
+) -> Figure | None:
     """A grid of held-out examples: image, ground truth, prediction; None without samples."""
     if not samples:
         return None
     labels = [np.asarray(label) for _, gt, pred in samples for label in (gt, pred)]
     found = sorted({int(k) for label in labels for k in np.unique(label)} - {0})
     classes = [k for k in found if k != IGNORE]  # class ids are never 255 (engine.data.label_lut)
-    colours = palette(max([*class_names, *classes, 0]))
-    figure = _new_figure(9.0, 2.8 * len(samples) + 0.6)
+    colours = class_palette({k: _class_name(class_names, k) for k in {*class_names, *classes}}, class_colours)
+    # The legend goes below the grid, LEGEND_COLUMNS entries a row: the figure grows by its rows, so
+    # twenty classes are not cut off.
+    entries = len(classes) + (IGNORE in found)
+    legend_rows = math.ceil(entries / LEGEND_COLUMNS)
+    figure = _new_figure(9.0, 2.8 * len(samples) + 0.3 * legend_rows + 0.4)
     panels = figure.subplots(len(samples), 3, squeeze=False)
     for row, (image, gt, pred) in enumerate(samples):
         for axes, picture, title in zip(
@@ -223,7 +241,10 @@ def samples_figure(samples: Sequence[Sample], class_names: dict[int, str]) -> Fi
         handles.append(Patch(facecolor=np.array(OUT_OF_PALETTE) / 255, edgecolor="grey", label="ignore"))
     if handles:
         figure.legend(
-            handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize="small"
+            handles=handles,
+            loc="outside lower center",
+            ncols=min(LEGEND_COLUMNS, len(handles)),
+            fontsize="small",
         )
     return figure
 
@@ -278,34 +299,42 @@ img { max-width: 100%; }
 """
 
 
-def build_report(data: ReportData, out_dir: Path) -> Path:
+def build_report(data: ReportData, out_dir: Path, *, progress: Callable[[str], None] | None = None) -> Path:
     """Write ``report.html`` and its PNG plots into ``out_dir``; returns the HTML file's path.
 
     A plot without data (no metrics yet, no training history, no samples) is left out; a page without
-    any metrics says so.
+    any metrics says so. ``progress(words)`` hears which plot is being drawn.
     """
     figures = [
         (
             "miou.png",
             "mIoU of all, old and new classes, and their harmonic mean hIoU, per step.",
-            summary_figure(data.steps),
+            lambda: summary_figure(data.steps),
         ),
         (
             "class_iou.png",
             "IoU per class over the steps: a row that fades is a class being forgotten.",
-            class_iou_figure(data.steps, data.class_names),
+            lambda: class_iou_figure(data.steps, data.class_names),
         ),
-        ("losses.png", "Training loss terms per epoch, per step.", loss_figure(data.steps)),
+        (
+            "losses.png",
+            "Training loss terms per epoch, per step: each term unweighted, and the weighted sum that "
+            "training minimises (dashed).",
+            lambda: loss_figure(data.steps),
+        ),
         (
             "samples.png",
             "Held-out images, their ground truth and the current model's prediction.",
-            samples_figure(data.samples, data.class_names),
+            lambda: samples_figure(data.samples, data.class_names, data.colours),
         ),
     ]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         sections = []
-        for name, caption, figure in figures:
+        for name, caption, draw in figures:
+            if progress is not None:
+                progress(f"drawing {name}")
+            figure = draw()
             if figure is None:
                 (out_dir / name).unlink(missing_ok=True)  # never leave an older run's plot beside this page
                 continue
@@ -333,6 +362,24 @@ def build_report(data: ReportData, out_dir: Path) -> Path:
             "check the free space and permissions"
         ) from None
     return path
+
+
+def distinct_pairs(
+    pairs: Sequence[tuple[Path, Path, dict[int, int]]],
+) -> list[tuple[Path, Path, dict[int, int]]]:
+    """``pairs`` without repeated images: the same picture can be stored twice (a batch submitted again
+    after its step was rolled back), and a report should not show it twice."""
+    seen: set[str] = set()
+    kept = []
+    for pair in pairs:
+        try:
+            digest = hashlib.sha256(pair[0].read_bytes()).hexdigest()
+        except OSError:
+            digest = str(pair[0])  # unreadable here: sample_predictions reports it
+        if digest not in seen:
+            seen.add(digest)
+            kept.append(pair)
+    return kept
 
 
 def sample_predictions(

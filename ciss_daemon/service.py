@@ -8,9 +8,11 @@ import os
 import socket
 import sys
 import time
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from ciss_daemon.exceptions import DaemonRunningError
+from ciss_daemon.workspace import cannot_write
 
 # syslog priorities journald reads from a "<N>" prefix on each stderr line.
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -49,19 +51,45 @@ class _JournalFormatter(logging.Formatter):
         return f"<{_PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Log to stderr: with syslog priority prefixes under systemd (journald adds the time), else timed."""
+LOG_FILE_BYTES = 10 * 1024**2  # daemon.log is rotated at this size, keeping LOG_FILE_BACKUPS old files
+LOG_FILE_BACKUPS = 3
+
+
+def under_systemd() -> bool:
+    return bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+
+
+def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
+    """Log to stderr: with syslog priority prefixes under systemd (journald adds the time), else timed.
+
+    Outside systemd the same lines also go to ``log_file`` (rotated), so a daemon started by hand leaves
+    its history in the workspace; skipped when stderr already is that file, or it cannot be opened.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
-        handler.setFormatter(_JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    timed = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(_JournalFormatter() if under_systemd() else timed)
+    handlers: list[logging.Handler] = [handler]
+    if log_file is not None and not under_systemd() and not _is_stderr(log_file):
+        try:
+            to_file = RotatingFileHandler(log_file, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS)
+        except OSError:
+            pass  # a workspace we may not write: stderr still has every line, and the lock says why
+        else:
+            to_file.setFormatter(timed)
+            handlers.append(to_file)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level)
     # Libraries narrate every migration step and timer run at INFO; the daemon logs what matters itself.
     for chatty in ("alembic", "apscheduler"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+
+
+def _is_stderr(path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(sys.stderr.fileno()), os.stat(path))
+    except (OSError, ValueError, AttributeError):  # no such file yet, or stderr is not a real file
+        return False
 
 
 class InstanceLock:
@@ -76,7 +104,10 @@ class InstanceLock:
 
     def acquire(self, wait: float = 2.0) -> None:
         """Take the lock; ``wait`` covers readers (``ciss status``) that hold it shared for an instant."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise cannot_write(error) or error from None
         deadline = time.monotonic() + wait
         while True:
             try:

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,6 +34,7 @@ _MAX_MANIFEST_BYTES = 1024 * 1024
 _MAX_LISTED_VALUES = 20
 _CLASS_KEY = re.compile(r"-?[0-9]+")
 
+_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
 _MANIFEST_EXAMPLE = 'e.g. kind = "train" and a [classes] table such as 1 = "bicycle"'
 _REEXPORT = "export it again from the original (a PNG or JPEG that opens in an image viewer)"
 
@@ -47,6 +49,24 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.file}: {self.what} — {self.todo}"
+
+
+def group_problems(problems: list[Problem], *, shown: int = 3) -> list[Problem]:
+    """One problem per kind: the same fault in many files (an undeclared value in 26 masks) is listed once,
+    with its first ``shown`` files and the count, where it first occurred."""
+    groups: dict[tuple[str, str], list[Problem]] = {}
+    for problem in problems:
+        groups.setdefault((problem.what, problem.todo), []).append(problem)
+    grouped = []
+    for (what, todo), members in groups.items():
+        files = list(dict.fromkeys(p.file for p in members))
+        if len(files) == 1:
+            grouped.append(members[0])
+            continue
+        named = ", ".join(files[:shown])
+        more = f" and {len(files) - shown} more" if len(files) > shown else ""
+        grouped.append(Problem(f"{named}{more} ({len(files)} files)", what, todo))
+    return grouped
 
 
 @dataclass(frozen=True)
@@ -219,7 +239,7 @@ def validate_batch(
         )
 
     if problems:
-        return ValidationResult(None, problems)
+        return ValidationResult(None, group_problems(problems))
     all_counts = train.counts + val.counts
     batch = ValidatedBatch(
         name=folder.name,
@@ -365,13 +385,13 @@ def _check_manifest(folder: Path, listing: _Listing, digests: dict[str, tuple[in
 
 def _parse_manifest(document: dict) -> _Manifest:
     problems: list[Problem] = []
-    unknown = sorted(set(document) - {"kind", "classes"})
+    unknown = sorted(set(document) - {"kind", "classes", "colors"})
     if unknown:
         problems.append(
             Problem(
                 MANIFEST,
                 f"has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(_quote, unknown))}",
-                "remove it; batch.toml holds only kind and [classes]",
+                "remove it; batch.toml holds only kind, [classes] and [colors]",
             )
         )
     kind = document.get("kind", "train")
@@ -416,7 +436,42 @@ def _parse_manifest(document: dict) -> _Manifest:
             what = f'class name "{name}" is given to values {_join_values(values)}'
             todo = "a class appears once per batch: give each value its own name, or relabel to one value"
             problems.append(Problem(MANIFEST, what, todo))
+    problems += _colour_problems(document.get("colors", {}), classes)
     return _Manifest(kind, classes, problems)
+
+
+def _colour_problems(table: Any, classes: dict[int, str]) -> list[Problem]:
+    """What is wrong with the optional [colors] table: mask value -> "#rrggbb" of a declared class."""
+    todo = 'write [colors] then one line per class, e.g. 1 = "#ff8800"'
+    if not isinstance(table, dict):
+        return [Problem(MANIFEST, "colors is not a table", todo)]
+    problems = []
+    for key, colour in table.items():
+        if not _CLASS_KEY.fullmatch(key) or int(key) not in classes:
+            problems.append(
+                Problem(MANIFEST, f"[colors] key {_quote(key)} is not a value declared in [classes]", todo)
+            )
+        elif not isinstance(colour, str) or not _COLOUR.fullmatch(colour):
+            problems.append(
+                Problem(MANIFEST, f"[colors] {key} = {_toml_value(colour)} is not a colour", todo)
+            )
+    return problems
+
+
+def manifest_colours(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Class name -> RGB from the [colors] table of a stored (validated) batch; {} without one."""
+    try:
+        document = tomllib.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+    classes, colours = document.get("classes", {}), document.get("colors", {})
+    if not isinstance(classes, dict) or not isinstance(colours, dict):
+        return {}
+    return {
+        classes[key]: (int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16))
+        for key, value in colours.items()
+        if key in classes and isinstance(value, str) and _COLOUR.fullmatch(value)
+    }
 
 
 def _class_value(key: str) -> int | Problem:

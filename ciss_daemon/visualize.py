@@ -7,6 +7,7 @@ values beyond the palette (255, ignore, in ground-truth masks) are drawn white.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,40 @@ def palette(num_classes: int) -> np.ndarray:
             bit = (ids >> (3 * shift + channel)) & 1
             colours[:, channel] |= bit << (7 - shift)
     return colours.astype(np.uint8)
+
+
+# Colour words a class name may hold ("orange-plate", "striped_blue_disc"): that class is drawn in it.
+COLOUR_WORDS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 220, 30),
+    "orange": (255, 140, 0),
+    "purple": (130, 50, 170),
+    "magenta": (220, 40, 200),
+    "pink": (255, 150, 190),
+    "cyan": (40, 210, 220),
+    "brown": (140, 80, 30),
+    "white": (245, 245, 245),
+    "black": (40, 40, 40),
+    "grey": (128, 128, 128),
+    "gray": (128, 128, 128),
+}
+
+
+def class_palette(
+    class_names: Mapping[int, str], colours: Mapping[str, tuple[int, int, int]] | None = None
+) -> np.ndarray:
+    """Colours of classes 0..max id, uint8 ``(K + 1, 3)``: a class's own colour from batch.toml's [colors]
+    (``colours``: name -> RGB), else the colour word in its name, else the VOC palette's."""
+    table = palette(max(class_names, default=0))
+    for class_id, name in class_names.items():
+        words = re.split(r"[^a-z]+", name.lower())
+        named = next((COLOUR_WORDS[w] for w in words if w in COLOUR_WORDS), None)
+        chosen = (colours or {}).get(name) or named
+        if chosen is not None and class_id > 0:
+            table[class_id] = chosen
+    return table
 
 
 def colour_mask(labels: np.ndarray, palette: np.ndarray) -> Image.Image:
@@ -214,6 +249,7 @@ def predict_images(
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
     max_size: int | None = 1024,
+    class_colours: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> list[PredictionFiles]:
     """Predict every image with the model in ``model_dir``, writing three PNGs per image into ``out_dir``.
 
@@ -221,22 +257,39 @@ def predict_images(
     the tinted image, both with a legend of the classes found. ``model_dir`` must be a resolved model folder
     (``promotion.resolve_current``), so a promotion during the run cannot mix two models. An image that
     cannot be read is reported in its ``PredictionFiles.error`` and the others go on; ``progress(done,
-    total)`` is called after each image.
+    total)`` is called after each image; ``class_colours`` (name -> RGB) are the batches' [colors].
     """
     if max_size is not None and max_size < 1:
         raise PredictError(f"max_size: {max_size} must be >= 1, or None for full size")
     model, meta = load_model(Path(model_dir), resolve_device(device))
     model.eval()
     class_names = {int(c["id"]): str(c["name"]) for c in meta["classes"]}
-    colours = palette(model.num_classes)
+    colours = class_palette(class_names, class_colours)
     label_dtype = np.uint8 if model.num_classes <= 255 else np.uint16
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PredictError(
             f"cannot create the output folder {out_dir}: {exc.strerror}; choose another"
         ) from None
+    try:
+        return _predict_all(model, images, out_dir, class_names, colours, label_dtype, progress, max_size)
+    finally:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # nothing was predicted: leave no empty folder behind
 
+
+def _predict_all(
+    model: DKDSegmenter,
+    images: Sequence[Path],
+    out_dir: Path,
+    class_names: dict[int, str],
+    colours: np.ndarray,
+    label_dtype: type,
+    progress: Callable[[int, int], None] | None,
+    max_size: int | None,
+) -> list[PredictionFiles]:
     results = []
     for done, (path, stem) in enumerate(zip(images, _unique_stems(images), strict=True), start=1):
         try:

@@ -69,6 +69,7 @@ class ProgressWriter:
         self.interval = interval
         self.last = 0.0
         self.failing = False
+        self.resumed_at: int | None = None  # the iteration this attempt started from (0: a fresh start)
 
     def phase(self, phase: str, **fields: Any) -> None:
         self.last = time.monotonic()
@@ -86,10 +87,13 @@ class ProgressWriter:
         self.failing = False
 
     def __call__(self, p: Any) -> None:
+        if self.resumed_at is None:
+            self.resumed_at = p.iteration - 1  # called after each iteration: the first one ends here
         if time.monotonic() - self.last < self.interval and p.iteration < p.total_iterations:
             return
         self.phase(
             "training",
+            resumed_at=self.resumed_at,
             iteration=p.iteration,
             total=p.total_iterations,
             epoch=p.epoch,

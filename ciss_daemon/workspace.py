@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,11 @@ class Workspace:
         return self.root / "requests"
 
     @property
+    def log_path(self) -> Path:
+        """The daemon's log when it runs outside systemd (journald keeps it otherwise)."""
+        return self.root / "daemon.log"
+
+    @property
     def lock_path(self) -> Path:
         return self.root / "daemon.lock"
 
@@ -131,6 +138,40 @@ def _write_new(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def cannot_write(error: OSError) -> WorkspaceError | None:
+    """One line for an ``OSError`` that means a path cannot be written (read-only or not ours), else None."""
+    path = Path(os.fsdecode(error.filename)) if error.filename is not None else None
+    where = f"cannot write {path}" if path is not None else "cannot write to the workspace"
+    if error.errno == errno.EROFS:
+        return WorkspaceError(
+            f"{where}: the file system is read-only; remount it read-write or use a workspace on a "
+            "writable disk"
+        )
+    if error.errno not in (errno.EACCES, errno.EPERM):
+        return None
+    me = _user_name(os.geteuid())
+    owner = _user_name(_existing(path).stat().st_uid) if path is not None else None
+    if owner is None or owner == me:
+        return WorkspaceError(f"{where}: permission denied; give {me} write access to it")
+    return WorkspaceError(
+        f"{where}: permission denied for {me}; run the command as its owner "
+        f"(`sudo -u {owner} ciss ...`) or give {me} write access"
+    )
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def find_workspace(explicit: Path | None = None) -> Workspace:

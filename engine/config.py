@@ -7,6 +7,7 @@ and raises :class:`~engine.exceptions.ConfigError` naming the field and the allo
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -97,7 +98,8 @@ class TrainConfig:
     setting: str = "overlap"
     memory_size: int = 0  # DKD-M exemplar memory; 0 disables it
     seed: int = 0
-    num_workers: int = 0
+    # "auto": min(8, CPU count) data-loading workers on CUDA (0 would starve the GPU), none on the CPU.
+    num_workers: int | str = "auto"
     checkpoint_every: int = 200  # iterations between checkpoints (and one at every epoch end)
 
     def __post_init__(self) -> None:
@@ -115,8 +117,20 @@ class TrainConfig:
         if self.scale_max < self.scale_min:
             raise ConfigError(f"train.scale_max: {self.scale_max!r} must be >= train.scale_min")
         _check_range("train", "bn_momentum_base", self.bn_momentum_base, 0.0, 1.0)
-        for name in ("memory_size", "num_workers", "seed"):
+        for name in ("memory_size", "seed"):
             _check_range("train", name, getattr(self, name), 0)
+        if self.num_workers != "auto" and not (
+            isinstance(self.num_workers, int)
+            and not isinstance(self.num_workers, bool)
+            and self.num_workers >= 0
+        ):
+            raise ConfigError(f'train.num_workers: {self.num_workers!r} must be "auto" or an integer >= 0')
+
+    def loader_workers(self, device_type: str) -> int:
+        """Data-loading worker processes on ``device_type`` ("cuda", "cpu"): ``num_workers`` resolved."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        return min(8, os.cpu_count() or 1) if device_type == "cuda" else 0
 
     @property
     def use_kd(self) -> bool:
@@ -168,7 +182,12 @@ def section_from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
             value = float(value)
         if name == "pretrained" and value == "none":
             value = None  # TOML has no null: "none" asks for random init where the default names weights
-        ok = value is None or isinstance(value, str) if name == "pretrained" else isinstance(value, expected)
+        if name == "pretrained":
+            ok = value is None or isinstance(value, str)
+        elif name == "num_workers":
+            ok = True  # "auto" or a count: __post_init__ says which values are allowed
+        else:
+            ok = isinstance(value, expected)
         if not ok or (expected is int and isinstance(value, bool)):
             raise ConfigError(f"{section}.{name}: {value!r} should be of type {expected.__name__}")
         values[name] = value

@@ -39,7 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 BATCH_KINDS = ("train", "eval")
 SPLITS = ("train", "val")
-_MANIFEST_KEYS = ("kind", "classes")
+_MANIFEST_KEYS = ("kind", "classes", "colors")  # [colors]: display only (ciss_daemon.validation)
 _MASK_VALUE = re.compile(r"[0-9]+")
 
 

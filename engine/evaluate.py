@@ -318,6 +318,15 @@ def summarize(
     )
 
 
+def paper_view(m: Metrics, base: Sequence[int], later: Sequence[int]) -> Metrics:
+    """``m`` regrouped as the paper does after a protocol: old = background + ``base`` (C_0), new = ``later``.
+
+    A class ``m`` has no IoU for (a model that was never taught it, e.g. the base model) scores 0.
+    """
+    iou = {k: m.iou.get(k, 0.0) for k in [0, *base, *later]}
+    return summarize(iou, base, later, base_classes=base)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,

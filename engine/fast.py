@@ -186,6 +186,8 @@ def accumulate_gradients(
     micro_batch: int,
     loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]],
     backward: Callable[[Tensor], None],
+    *,
+    between: Callable[[], None] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward and backward of one batch in micro-batches of at most ``micro_batch`` images.
 
@@ -195,11 +197,14 @@ def accumulate_gradients(
     gradient, and the returned detached total and terms, are those of the mean over the whole batch
     (exactly so when no BatchNorm uses batch statistics, i.e. at t >= 1). One micro-batch of N images is
     the plain step. Single-process only: under DDP every micro-batch's backward would all-reduce.
+    ``between()`` runs before every micro-batch but the first; it may raise to abandon the batch.
     """
     n = images.shape[0]
     total = images.new_zeros((), dtype=torch.float32)
     terms_sum: dict[str, Tensor] = {}
     for start in range(0, n, max(1, micro_batch)):
+        if start > 0 and between is not None:
+            between()
         part = slice(start, min(start + micro_batch, n))
         share = (part.stop - part.start) / n
         loss, terms = loss_fn(images[part], labels[part])

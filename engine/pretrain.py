@@ -53,8 +53,11 @@ def cache_dir() -> Path:
     return Path(base) / "ciss"
 
 
-def backbone_file(backbone: str, output_stride: int, recipe: PretrainRecipe, cache: Path) -> Path:
+def backbone_file(
+    backbone: str, output_stride: int, cache: Path, recipe: PretrainRecipe | None = None
+) -> Path:
     """The cache file of one backbone, named by everything that changes its weights."""
+    recipe = recipe or PretrainRecipe()
     key = json.dumps(
         {
             "backbone": backbone,
@@ -104,7 +107,7 @@ def synthetic_backbone(
 
     recipe = recipe or PretrainRecipe()
     cache = cache or cache_dir()
-    target = backbone_file(backbone, output_stride, recipe, cache)
+    target = backbone_file(backbone, output_stride, cache, recipe)
     if target.is_file():
         return target
     try:

@@ -36,7 +36,7 @@ from engine.data import (
     protocol_dataset,
     protocol_steps,
 )
-from engine.evaluate import Metrics, summarize
+from engine.evaluate import Metrics, paper_view
 from engine.exceptions import ConfigError
 from engine.runner import EvalGroup, StepData, StepRequest, run_step
 from engine.train import Progress as TrainProgress
@@ -199,13 +199,6 @@ def method_config(run: Run, method: str) -> EngineConfig:
     return dataclasses.replace(run.config, train=train)
 
 
-def paper_metrics(m: Metrics, steps: Sequence[Sequence[int]]) -> Metrics:
-    """``m`` in the paper's grouping over the classes seen: old = background + C_0, new = the rest."""
-    seen = [c for s in steps for c in s]
-    iou = {k: m.iou.get(k, 0.0) for k in [0, *seen]}
-    return summarize(iou, list(steps[0]), seen[len(steps[0]) :], base_classes=list(steps[0]))
-
-
 def run_method(run: Run, data: ProtocolData, method: str, console: Console) -> list[Metrics]:
     """Every step of one method (joint: one step over every class); metrics after each step."""
     config = method_config(run, method)
@@ -244,7 +237,8 @@ def run_method(run: Run, data: ProtocolData, method: str, console: Console) -> l
                 )
             metrics = _train_with_progress(request, step_data, f"{METHOD_LABELS[method]} step {t}", console)
             console.print(f"{METHOD_LABELS[method]} step {t}: {format_row(metrics)}")
-        results.append(paper_metrics(metrics, steps[: t + 1]))
+        seen = [c for s in steps[: t + 1] for c in s]
+        results.append(paper_view(metrics, steps[0], seen[len(steps[0]) :]))
         previous = folder / "model"
     return results
 

@@ -99,8 +99,8 @@ def build_optimizer(model: DKDSegmenter, config: EngineConfig, step_index: int) 
 
     Backbone at the base rate; ASPP head and every classifier at ``head_lr_mult`` times it. Weight decay on
     everything at step 0; at t >= 1 only on the new classifier g_t, and every BatchNorm weight and bias
-    stays out of the optimiser (as the step t - 1 left them; :func:`set_step_mode` also stops their
-    gradients).
+    stays out of the optimiser (as the step t - 1 left them; :func:`freeze_batchnorm_affine` also stops
+    their gradients).
     """
     train = config.train
     lr = train.lr_base if step_index == 0 else train.lr_incremental
@@ -224,6 +224,10 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+class _StopRequested(Exception):
+    """``should_stop()`` turned true between two micro-batches of an iteration, before its optimizer step."""
+
+
 def train_step(
     *,
     model: DKDSegmenter,
@@ -329,15 +333,16 @@ def train_step(
     # the middle of an epoch replays exactly the same random numbers as an uninterrupted run.
     loader_generator = torch.Generator().manual_seed(train.seed)
     # One loader for the whole step: the sampler is re-read at every epoch's iter(), and workers persist.
+    workers = train.loader_workers(device.type)
     loader = DataLoader(
         dataset,
         batch_size=train.batch_size,
         sampler=sampler,
-        num_workers=train.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         generator=loader_generator,
         drop_last=False,
-        persistent_workers=train.num_workers > 0,
+        persistent_workers=workers > 0,
     )
 
     def batch_loss(images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -365,8 +370,18 @@ def train_step(
     ) -> tuple[Tensor, dict[str, Tensor]]:
         with fast.step_context():
             return accumulate_gradients(
-                images, labels, micro_batch, batch_loss, lambda loss: scaler.scale(loss).backward()
+                images,
+                labels,
+                micro_batch,
+                batch_loss,
+                lambda loss: scaler.scale(loss).backward(),
+                between=stop_between_micro_batches,
             )
+
+    def stop_between_micro_batches() -> None:
+        # A stop need not wait for the rest of a batch that runs in several micro-batches.
+        if should_stop is not None and should_stop():
+            raise _StopRequested
 
     # On CUDA OOM in the first iterations: halve the micro-batch, same effective batch. Single process only
     # (DDP ranks would disagree on their collectives); BatchNorm trains at step 0 and needs 2 images.
@@ -388,9 +403,18 @@ def train_step(
                     finished=False, iterations=iteration, history=history, micro_batch=fallback.micro_batch
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss, terms = fallback.run(
-                images, labels, forward_backward, reset=lambda: optimizer.zero_grad(set_to_none=True)
-            )
+            try:
+                loss, terms = fallback.run(
+                    images, labels, forward_backward, reset=lambda: optimizer.zero_grad(set_to_none=True)
+                )
+            except _StopRequested:
+                # Its optimizer step never ran: the checkpoint holds the last completed iteration's weights
+                # and position (at step 0 BatchNorm statistics have seen part of the abandoned batch).
+                optimizer.zero_grad(set_to_none=True)
+                write_checkpoint()
+                return TrainResult(
+                    finished=False, iterations=iteration, history=history, micro_batch=fallback.micro_batch
+                )
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

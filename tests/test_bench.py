@@ -34,7 +34,7 @@ def test_built_catalog_shows_every_step_promoted(tmp_path: Path) -> None:
     assert data["current"]["version"] == "v0050" and data["current"]["step"] == 49
     assert [c["id"] for c in data["current"]["classes"]] == list(range(1, 151))
     assert class_ids == list(range(1, 151))
-    assert set(data["current"]["metrics"]) == set(catalog.METRIC_KEYS)
+    assert set(data["current"]["metrics"]) == {*catalog.METRIC_KEYS, "paper"}
     assert data["queue"] == [] and data["running"] is None and data["candidates"] == []
     assert len(data["rejections"]) == 2 and len(data["events"]) == 10
 

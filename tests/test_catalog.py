@@ -307,7 +307,7 @@ def test_versions_are_numbered_in_order(session: Session, tmp_path: Path) -> Non
     assert cat.find_version(session=session, version="v0002").step.index == 1
     with pytest.raises(OperatorError) as caught:
         cat.find_version(session=session, version="v0009")
-    assert str(caught.value) == "no model version 'v0009' in the catalog; `ciss status` lists them"
+    assert str(caught.value) == "no model version 'v0009' in the catalog; `ciss models` lists them"
 
 
 def test_promotion_makes_current_retires_the_previous_and_teaches(session: Session, tmp_path: Path) -> None:
@@ -353,7 +353,7 @@ def test_rollback_untaught_later_classes_and_retires_their_models(session: Sessi
         cat.rollback_to(session=session, version=v3)
     assert str(caught.value) == (
         "model v0003 is not a model that was promoted and is still in the history; "
-        "`ciss status` lists the models you can roll back to"
+        "`ciss models` lists the models you can roll back to"
     )
     with pytest.raises(OperatorError) as caught:
         cat.rollback_to(session=session, version=v1)

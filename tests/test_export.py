@@ -12,7 +12,7 @@ import onnxruntime
 import pytest
 import torch
 
-from ciss_daemon.export import METADATA_KEY, ExportError, export_model
+from ciss_daemon.export import METADATA_KEY, ExportError, export_format, export_model
 from ciss_daemon.visualize import palette
 from engine.config import EngineConfig, ModelConfig
 from engine.evaluate import predict_labels
@@ -118,3 +118,19 @@ def test_missing_output_folder_is_refused(saved, tmp_path: Path) -> None:
     _, directory = saved
     with pytest.raises(ExportError, match=r"folder .*nowhere does not exist; create it first"):
         export_model(directory, tmp_path / "nowhere" / "model.pt", "torchscript")
+
+
+def test_the_format_comes_from_the_extension_and_a_mismatch_is_refused(tmp_path: Path) -> None:
+    assert export_format(tmp_path / "model.onnx", None) == "onnx"
+    assert export_format(tmp_path / "model.PT", None) == "torchscript"
+    assert export_format(tmp_path / "model.bin", "onnx") == "onnx"
+    with pytest.raises(ExportError) as mismatch:
+        export_format(tmp_path / "model.pt", "onnx")
+    assert str(mismatch.value) == (
+        "model.pt names a torchscript file but --format is onnx; name it model.onnx or leave --format out"
+    )
+    with pytest.raises(ExportError) as unknown:
+        export_format(tmp_path / "model.bin", None)
+    assert str(unknown.value) == (
+        "cannot tell the format from the name model.bin; end it in .onnx or .pt, or pass --format"
+    )

@@ -385,3 +385,25 @@ def test_gpu_separable_upsample_and_prefetch() -> None:
     for (images, labels), (original, original_labels) in zip(moved, batches, strict=True):
         assert images.device.type == "cuda" and torch.equal(images.cpu(), original)
         assert torch.equal(labels.cpu(), original_labels)
+
+
+def test_accumulate_gradients_calls_between_before_every_micro_batch_but_the_first() -> None:
+    seen: list[int] = []
+
+    def loss_fn(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        seen.append(images.shape[0])
+        loss = images.sum() * 0
+        return loss, {"x": loss}
+
+    calls = {"n": 0}
+
+    def between() -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # any exception abandons the batch
+
+    with pytest.raises(KeyboardInterrupt):
+        accumulate_gradients(
+            torch.zeros(6, 3, 2, 2), torch.zeros(6, 2, 2), 2, loss_fn, lambda loss: None, between=between
+        )
+    assert seen == [2, 2] and calls["n"] == 2

@@ -40,12 +40,12 @@ def test_backbone_is_trained_once_and_then_read_from_the_cache(
 
     monkeypatch.setattr(train, "train_step", counting)
     path = synthetic_backbone("resnet18", 16, recipe=TINY, cache=tmp_path, device=torch.device("cpu"))
-    assert path == backbone_file("resnet18", 16, TINY, tmp_path) and path.is_file()
+    assert path == backbone_file("resnet18", 16, tmp_path, TINY) and path.is_file()
     assert synthetic_backbone("resnet18", 16, recipe=TINY, cache=tmp_path) == path
     assert calls == [1]
     assert not list(path.parent.glob("*.tmp"))
     # Another recipe or stride is another file.
-    assert backbone_file("resnet18", 8, TINY, tmp_path) != path
+    assert backbone_file("resnet18", 8, tmp_path, TINY) != path
 
 
 def test_model_pretrained_synthetic_loads_the_cached_backbone(
@@ -55,7 +55,7 @@ def test_model_pretrained_synthetic_loads_the_cached_backbone(
     assert cache_dir() == tmp_path
     config = ModelConfig(backbone="resnet18", output_stride=16, pretrained="synthetic")
     donor = build_model(ModelConfig(backbone="resnet18"), [2])
-    target = backbone_file("resnet18", 16, PretrainRecipe(), tmp_path)
+    target = backbone_file("resnet18", 16, tmp_path)
     target.parent.mkdir(parents=True)
     torch.save(donor.backbone.state_dict(), target)
     model = build_model(config, [3])

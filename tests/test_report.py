@@ -122,3 +122,48 @@ def test_sample_predictions_maps_masks_and_predicts(tmp_path: Path) -> None:
     assert shown.shape == (16, 32, 3) and gt.shape == (16, 32) and pred.shape == (16, 32)
     assert (gt[:, 16:] == 2).all() and (gt[4:, :16] == 0).all() and (gt[:4, :4] == 255).all()
     assert (pred == 2).all()
+
+
+def test_twenty_classes_keep_their_whole_legend_in_samples_png() -> None:
+    from ciss_daemon.report import samples_figure
+
+    names = {k: f"class-number-{k}" for k in range(1, 21)}
+    gt = np.arange(1, 21).repeat(8).reshape(10, 16)  # every class present
+    figure = samples_figure([(np.zeros((10, 16, 3), dtype=np.uint8), gt, gt)], names)
+    assert figure is not None
+    figure.canvas.draw()
+    legend = figure.legends[0].get_window_extent()
+    assert len(figure.legends[0].get_texts()) == 20
+    assert legend.y0 >= 0 and legend.x0 >= 0 and legend.x1 <= figure.bbox.x1
+
+
+def test_the_same_image_stored_twice_is_shown_once(tmp_path: Path) -> None:
+    from ciss_daemon.report import distinct_pairs
+
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "a.png").write_bytes((tmp_path / "a.png").read_bytes())
+    Image.fromarray(np.ones((4, 4, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    pairs = [(tmp_path / n, tmp_path / "mask.png", {}) for n in ("a.png", "again/a.png", "b.png")]
+    assert [p[0].name for p in distinct_pairs(pairs)] == ["a.png", "b.png"]
+
+
+def test_the_loss_plot_says_which_line_is_the_weighted_total() -> None:
+    from ciss_daemon.report import loss_figure
+
+    figure = loss_figure(_steps())
+    assert figure is not None
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert labels == ["mbce", "kd", "ac", "total (weighted sum)"]
+    assert figure.axes[0].get_ylabel() == "loss (terms unweighted)"
+
+
+def test_class_colours_follow_batch_toml_then_colour_words_then_the_palette() -> None:
+    from ciss_daemon.visualize import COLOUR_WORDS, class_palette, palette
+
+    table = class_palette({1: "orange-plate", 2: "cat", 3: "striped_blue_disc"}, {"cat": (1, 2, 3)})
+    assert table[1].tolist() == list(COLOUR_WORDS["orange"])
+    assert table[2].tolist() == [1, 2, 3]
+    assert table[3].tolist() == list(COLOUR_WORDS["blue"])
+    assert table[0].tolist() == [0, 0, 0]
+    assert class_palette({1: "cat", 2: "dog"}).tolist() == palette(2).tolist()

@@ -87,7 +87,7 @@ def test_values_are_read_into_their_sections() -> None:
             "[daemon]\nsettle = 3",
             "ciss.toml: daemon.settle: unknown setting; allowed: settle_seconds, rescan_seconds, "
             "dispatch_seconds, training_window, max_attempts, device, stop_timeout_seconds, "
-            "log_level",
+            "keep_checkpoints, log_level",
         ),
         (
             "[daemon]\ntraining_window = '* 22-6 * *'",

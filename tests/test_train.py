@@ -264,3 +264,47 @@ def test_training_follows_the_warmup_schedule() -> None:
     # 4 iterations, 2 of warm-up: the learning rate reported after each is that of the next iteration.
     expected = [0.1 * warmup_poly(4, 0.9, 0.5, 0.001)(i) for i in range(1, 5)]
     assert lrs == pytest.approx(expected)
+
+
+def test_a_stop_between_micro_batches_checkpoints_the_last_completed_iteration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.train
+
+    class HalfBatches(engine.train.MicroBatchFallback):
+        # As after a CUDA out-of-memory halving: each batch of 4 runs as two micro-batches of 2.
+        def __init__(self, batch_size: int, **kwargs: object) -> None:
+            super().__init__(batch_size, **kwargs)  # type: ignore[arg-type]
+            self.micro_batch = batch_size // 2
+
+    monkeypatch.setattr(engine.train, "MicroBatchFallback", HalfBatches)
+    config = tiny_config(checkpoint_every=100, epochs_incremental=1)
+    teacher, student = base_and_student(config)
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        # Checked before each batch and between its micro-batches: calls 1, 2 (batch 1), 3, 4 (batch 2).
+        calls["n"] += 1
+        return calls["n"] == 4
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    seen: list[torch.Tensor] = []
+    result = train_step(
+        model=student,
+        teacher=teacher,
+        dataset=RandomSegmentation(12, [3]),
+        config=config,
+        step_index=1,
+        device=torch.device("cpu"),
+        checkpoint_path=checkpoint,
+        should_stop=should_stop,
+        progress=lambda p: seen.append(student.classifiers[-1].weight.detach().clone()),  # type: ignore[index]
+    )
+    assert not result.finished and result.iterations == 1 and calls["n"] == 4
+    from engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    assert state["position"] == {"epoch": 0, "batch": 1, "iteration": 1}
+    # The weights after iteration 1: the abandoned second batch changed nothing.
+    assert len(seen) == 1
+    assert torch.equal(state["model"]["classifiers.1.weight"], seen[0])

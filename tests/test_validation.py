@@ -139,11 +139,9 @@ def test_bad_class_names(tmp_path: Path) -> None:
         "the name without them",
         'batch.toml: class name "bicycle" is given to values 1, 2 — a class appears once per batch: give '
         "each value its own name, or relabel to one value",
-        # The masks use 3 (declared with a bad name, so not declared): reported per mask.
-        "masks/0000.png: contains value 3 not declared in batch.toml [classes] — declare it in [classes], or "
-        "set those pixels to 0 (background) or 255 (ignore)",
-        "masks/0001.png: contains value 3 not declared in batch.toml [classes] — declare it in [classes], or "
-        "set those pixels to 0 (background) or 255 (ignore)",
+        # The masks use 3 (declared with a bad name, so not declared): reported once for both masks.
+        "masks/0000.png, masks/0001.png (2 files): contains value 3 not declared in batch.toml [classes] — "
+        "declare it in [classes], or set those pixels to 0 (background) or 255 (ignore)",
     ]
 
 
@@ -151,7 +149,8 @@ def test_manifest_shape_problems(tmp_path: Path) -> None:
     folder = make_batch(tmp_path)
     (folder / "batch.toml").write_text('kind = "test"\nname = "x"\nclass = 1\n')
     assert problem_lines(folder) == [
-        'batch.toml: has unknown keys "class", "name" — remove it; batch.toml holds only kind and [classes]',
+        'batch.toml: has unknown keys "class", "name" — remove it; batch.toml holds only kind, [classes] '
+        "and [colors]",
         'batch.toml: kind = "test" is not a batch kind — write kind = "train" or kind = "eval", or leave '
         "kind out for a training batch",
         f"batch.toml: has no [classes] table — declare the classes ({EXAMPLE})",
@@ -442,3 +441,24 @@ def test_random_input_never_raises(manifest: str, masks: list[np.ndarray], image
         seen = set(np.unique(np.concatenate([labels.ravel() for labels in masks])).tolist())
         assert seen <= {0, 255, *result.batch.classes}
         assert all(result.batch.pixel_counts[value] > 0 for value in result.batch.classes)
+
+
+def test_batch_toml_may_give_class_colours(tmp_path: Path) -> None:
+    from ciss_daemon.validation import manifest_colours
+
+    folder = make_batch(tmp_path, "plates", classes={1: "orange-plate", 2: "cup"})
+    (folder / "batch.toml").write_text(
+        manifest_text({1: "orange-plate", 2: "cup"}) + '\n[colors]\n1 = "#ff8800"\n', encoding="utf-8"
+    )
+    assert validate_batch(folder).ok
+    assert manifest_colours(folder) == {"orange-plate": (255, 136, 0)}
+    (folder / "batch.toml").write_text(
+        manifest_text({1: "orange-plate", 2: "cup"}) + '\n[colors]\n1 = "orange"\n3 = "#000000"\n',
+        encoding="utf-8",
+    )
+    assert [str(p) for p in validate_batch(folder).problems] == [
+        'batch.toml: [colors] 1 = "orange" is not a colour — write [colors] then one line per class, e.g. '
+        '1 = "#ff8800"',
+        'batch.toml: [colors] key "3" is not a value declared in [classes] — write [colors] then one line '
+        'per class, e.g. 1 = "#ff8800"',
+    ]

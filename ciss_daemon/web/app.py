@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ciss_daemon import catalog, status
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.operator import ACTIONS, run_action
+from ciss_daemon.operator import run_action
 from ciss_daemon.settings import Settings
 from ciss_daemon.web import data as dashboard_data
 from ciss_daemon.web import metrics, samples
@@ -43,6 +43,7 @@ from ciss_daemon.workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
 ACTION_TIMEOUT = 60.0
+ACTIONS = ("promote", "discard", "rollback")  # of the CLI's operator actions, those the page offers
 # Scripts and styles come from this server only (no inline script runs); no framing.
 SECURITY_HEADERS = [
     (

@@ -1,0 +1,203 @@
+"""`ciss status`: user strings shown as written, why a queued step waits, and a ciss.toml that broke."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from ciss_daemon import catalog
+from ciss_daemon import status as status_view
+from ciss_daemon.cli import app
+from ciss_daemon.service import InstanceLock
+from ciss_daemon.settings import load_settings, parse_settings
+from ciss_daemon.workspace import Workspace, find_workspace
+
+runner = CliRunner()
+# Noon on Friday 1 May 2026, UTC.
+NOON = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    assert runner.invoke(app, ["init", str(tmp_path / "ws"), "--profile", "cpu"]).exit_code == 0
+    return find_workspace(tmp_path / "ws")
+
+
+def factory_of(ws: Workspace):  # type: ignore[no-untyped-def]
+    return catalog.session_factory(catalog.make_engine(ws.catalog_url(load_settings(ws.settings_path))))
+
+
+def add_steps(ws: Workspace, *states: str) -> None:
+    """One step per state: 'promoted', 'held', 'queued' or 'requeued' (queued after a killed attempt)."""
+    with catalog.transaction(factory_of(ws)) as s:
+        for index, state in enumerate(states):
+            batch = catalog.record_batch(
+                session=s,
+                name=f"b{index}",
+                kind="train",
+                sha256=hashlib.sha256(str(index).encode()).hexdigest(),
+                store_path=ws.store / f"b{index}",
+                class_names={1: f"class-{index}"},
+                n_train=2,
+                n_val=0,
+                now=NOON,
+            )
+            step = catalog.create_step(session=s, batch=batch, now=NOON)
+            job = catalog.create_job(session=s, step=step, max_attempts=3, jobs_dir=ws.jobs, now=NOON)
+            if state == "queued":
+                continue
+            catalog.start_job(session=s, job=job, pid=1, now=NOON)
+            if state == "requeued":
+                catalog.requeue_job(
+                    session=s, job=job, error="the training process was killed by SIGKILL", now=NOON
+                )
+                continue
+            catalog.set_step_state(session=s, step=step, state="evaluating", now=NOON)
+            catalog.finish_job(session=s, job=job, state="done", now=NOON)
+            version = catalog.record_model_version(
+                session=s, step=step, models_dir=ws.models, files={}, metrics={}, now=NOON
+            )
+            if state == "promoted":
+                catalog.promote_version(session=s, version=version, now=NOON)
+            else:
+                catalog.set_step_state(session=s, step=step, state="held", reason="below the floor", now=NOON)
+
+
+def rendered(data: dict, ws: Workspace) -> str:
+    console = Console(record=True, width=250)
+    console.print(status_view.render(data, ws))
+    return console.export_text()
+
+
+def test_names_and_reasons_with_brackets_are_shown_as_written(ws: Workspace) -> None:
+    with catalog.transaction(factory_of(ws)) as s:
+        catalog.record_rejection(
+            session=s,
+            batch_name="[bold]bikes",
+            reasons=["mask value 7 is not declared: declare it in [classes], or set those pixels to 0"],
+            path=ws.rejected / "bikes",
+            now=NOON,
+        )
+    text = rendered(status_view.snapshot(ws, factory_of(ws)), ws)
+    assert "[bold]bikes" in text
+    assert "declare it in [classes], or set those pixels to 0" in text
+
+
+def test_a_queued_step_says_it_waits_for_the_daemon_and_keeps_its_last_attempt_apart(ws: Workspace) -> None:
+    add_steps(ws, "promoted", "requeued")
+    data = status_view.snapshot(ws, factory_of(ws))
+    reason = f"waits for the daemon, which is not running: start it with `ciss daemon -w {ws.root}`"
+    assert data["waiting"] == reason
+    assert data["steps"][1]["reason"] == reason
+    assert data["steps"][1]["last_attempt"] == "the training process was killed by SIGKILL"
+    assert f"queue: step 1 (b1); {reason}" in rendered(data, ws)
+
+
+def test_a_held_step_blocks_the_queue_and_says_how_to_free_it(ws: Workspace) -> None:
+    add_steps(ws, "promoted", "held", "queued")
+    data = status_view.snapshot(ws, factory_of(ws))
+    assert (
+        data["waiting"] == "waits for held step 1: `ciss promote 1` or `ciss discard 1` lets the queue go on"
+    )
+
+
+def test_a_closed_training_window_names_its_next_opening(ws: Workspace) -> None:
+    add_steps(ws, "queued")
+    settings = parse_settings('[daemon]\ntraining_window = "* 22-23 * * *"\n')
+    lock = InstanceLock(ws.lock_path)
+    lock.acquire()  # a daemon runs
+    try:
+        data = status_view.snapshot(ws, factory_of(ws), settings=settings, now=NOON.timestamp())
+        opens = dt.datetime(2026, 5, 1, 22, 0, tzinfo=dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M")
+        assert (
+            data["waiting"]
+            == f"waits for the training window '* 22-23 * * *' (UTC), which opens next at {opens}"
+        )
+        night = dt.datetime(2026, 5, 1, 22, 30, tzinfo=dt.UTC).timestamp()
+        data = status_view.snapshot(ws, factory_of(ws), settings=settings, now=night)
+        assert data["waiting"] == "starts at the daemon's next check"
+    finally:
+        lock.release()
+
+
+def test_a_starting_job_is_one_short_line(ws: Workspace) -> None:
+    data = status_view.snapshot(ws, factory_of(ws))
+    data["running"] = {"step": 2, "batch": "b2", "attempts": 1, "max_attempts": 3, "progress": {}}
+    assert "training step 2 (b2), attempt 1/3: starting\n" in rendered(data, ws)
+
+
+def test_status_survives_a_typo_in_ciss_toml(ws: Workspace) -> None:
+    add_steps(ws, "promoted")
+    ws.settings_path.write_text("[daemon\nsettle_seconds = 1\n", encoding="utf-8")
+    result = runner.invoke(app, ["status", "--json", "-w", str(ws.root)])
+    assert result.exit_code == 0
+    first, *rest = result.output.splitlines()
+    assert first == (
+        "Warning: ciss.toml: not valid TOML: Expected ']' at the end of a table declaration (at line 1, "
+        "column 8); `ciss daemon` will not start until the file is fixed"
+    )
+    assert '"version": "v0001"' in "\n".join(rest)
+    lock = InstanceLock(ws.lock_path)
+    lock.acquire()
+    try:
+        result = runner.invoke(app, ["classes", "-w", str(ws.root)])
+    finally:
+        lock.release()
+    assert result.exit_code == 0
+    assert result.output.splitlines()[0].endswith(
+        "; the running daemon keeps the settings it started with until the file is fixed"
+    )
+    assert "class-0" in result.output
+
+
+def test_models_lists_every_version_the_current_one_and_what_can_be_rolled_back_to(ws: Workspace) -> None:
+    add_steps(ws, "promoted", "promoted", "promoted", "held")
+    for version in ("v0001", "v0002", "v0003", "v0004"):
+        (ws.models / version).mkdir()
+    rows = status_view.model_rows(factory_of(ws))
+    assert [(r["version"], r["step"], r["state"], r["current"], r["rollback"]) for r in rows] == [
+        ("v0001", 0, "retired", False, True),
+        ("v0002", 1, "retired", False, True),
+        ("v0003", 2, "promoted", True, False),
+        ("v0004", 3, "candidate", False, False),
+    ]
+    result = runner.invoke(app, ["models", "--json", "-w", str(ws.root)])
+    assert result.exit_code == 0 and json.loads(result.output) == rows
+    console = Console(record=True, width=200)
+    console.print(status_view.model_table(rows))
+    text = console.export_text()
+    assert "│ v0003   │ 2    │ promoted, current      │" in text
+    assert "│ v0001   │ 0    │ retired, can roll back │" in text
+
+
+def test_rollback_to_an_unknown_version_points_to_ciss_models(ws: Workspace) -> None:
+    add_steps(ws, "promoted")
+    result = runner.invoke(app, ["rollback", "v0009", "-w", str(ws.root)])
+    assert result.output == "Error: no model version 'v0009' in the catalog; `ciss models` lists them\n"
+
+
+def test_summary_lines_name_both_groupings() -> None:
+    metrics = {
+        "miou_all": 0.5,
+        "miou_old": 0.6,
+        "miou_new": 0.3,
+        "hiou": 0.4,
+        "paper": {"miou_old": 0.7, "miou_new": 0.35, "hiou": 0.4667},
+    }
+    text = status_view.summary_lines(metrics)
+    assert text.splitlines()[0] == (
+        "mIoU all 50.0   gate grouping (old = classes before the step): old 60.0  new 30.0  hIoU 40.0"
+    )
+    assert (
+        text.splitlines()[1].strip() == "paper grouping (old = base classes): old 70.0  new 35.0  hIoU 46.7"
+    )
+    # Metrics recorded before the paper grouping existed show the gate's line only.
+    assert (
+        len(status_view.summary_lines({k: v for k, v in metrics.items() if k != "paper"}).splitlines()) == 1
+    )
