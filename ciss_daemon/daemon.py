@@ -115,6 +115,10 @@ class Daemon:
         self.window = training_window(self.settings.daemon.training_window)
         self.recover()
         self._start_extras()
+        # Once started (a daemon that cannot start has a better thing to say).
+        mismatch = cpu_mismatch(self.settings, gpu_visible=nvidia_gpu_visible())
+        if mismatch is not None:
+            log.warning("%s", mismatch)
         if self.watch:
             self.watcher = InboxWatcher(self.ws.inbox, on_change=self.wakeup.set)
             try:
@@ -676,9 +680,6 @@ def holds_files(folder: Path, files: dict[str, str]) -> bool:
 def run_daemon(workspace: Workspace, settings: Settings) -> int:
     """Entry point of ``ciss daemon``."""
     service.setup_logging(settings.daemon.log_level, workspace.log_path)
-    mismatch = cpu_mismatch(settings, gpu_visible=nvidia_gpu_visible())
-    if mismatch is not None:
-        log.warning("%s", mismatch)
     try:
         return Daemon(workspace, settings).run()
     except CissError as error:
