@@ -99,8 +99,8 @@ def build_optimizer(model: DKDSegmenter, config: EngineConfig, step_index: int) 
 
     Backbone at the base rate; ASPP head and every classifier at ``head_lr_mult`` times it. Weight decay on
     everything at step 0; at t >= 1 only on the new classifier g_t, and every BatchNorm weight and bias
-    stays out of the optimiser (as the step t - 1 left them; :func:`set_step_mode` also stops their
-    gradients).
+    stays out of the optimiser (as the step t - 1 left them; :func:`freeze_batchnorm_affine` also stops
+    their gradients).
     """
     train = config.train
     lr = train.lr_base if step_index == 0 else train.lr_incremental

@@ -30,6 +30,8 @@ COMMANDS = [
     "report",
     "export",
     "demo",
+    "experiment",
+    "web",
 ]
 
 

@@ -7,13 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+from daemon_helpers import FakeClock, in_process_daemon, new_workspace
 from typer.testing import CliRunner
 
 from ciss_daemon import profiles
 from ciss_daemon.cli import app
-from ciss_daemon.daemon import run_daemon
 from ciss_daemon.demo import plan
-from ciss_daemon.service import InstanceLock
 from ciss_daemon.settings import Settings, load_settings, parse_settings
 from ciss_daemon.workspace import find_workspace
 from engine.config import EngineConfig, TrainConfig
@@ -98,24 +97,14 @@ def test_gpu_sized_settings_on_a_cpu_are_named_in_one_line() -> None:
     assert profiles.cpu_mismatch(cpu, gpu_visible=False) is None
 
 
-def test_the_daemon_warns_at_start_when_gpu_settings_meet_a_cpu(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_the_daemon_warns_once_started_when_gpu_settings_meet_a_cpu(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runner.invoke(app, ["init", str(tmp_path / "ws"), "--profile", "gpu"])
-    ws = find_workspace(tmp_path / "ws")
-    settings = parse_settings('[daemon]\ndevice = "cpu"\n[model]\npretrained = "imagenet"\n')
-    lock = InstanceLock(ws.lock_path)
-    lock.acquire()  # the daemon then stops at once, after its start-up checks
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        assert run_daemon(ws, settings) == 1
-    finally:
-        lock.release()
-        root.handlers[:], root.level = handlers, level
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
-    assert len(warnings) == 1
-    assert warnings[0].endswith(
+    ws = new_workspace(tmp_path / "ws", '[daemon]\ndevice = "cpu"\n[model]\npretrained = "imagenet"\n')
+    with caplog.at_level(logging.WARNING, logger="ciss.daemon"):
+        daemon = in_process_daemon(ws, FakeClock())
+        daemon.shutdown()
+    assert caplog.messages == [
         "ciss.toml trains resnet101 at crop 512, batch 32, settings sized for a GPU, but daemon.device is "
         "'cpu': a step may take hours; `ciss init --profile cpu DIR` writes CPU settings"
-    )
+    ]
