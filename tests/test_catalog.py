@@ -463,7 +463,7 @@ def test_status_snapshot_shows_model_job_queue_rejections_and_events(
         "step": 0,
         "promoted_at": snapshot["current"]["promoted_at"],
         "classes": [{"id": 1, "name": "car"}, {"id": 2, "name": "bus"}],
-        "metrics": {"miou_all": 0.6, "miou_old": 0.7, "miou_new": 0.5, "hiou": 0.58},
+        "metrics": {"miou_all": 0.6, "miou_old": 0.7, "miou_new": 0.5, "hiou": 0.58, "paper": None},
     }
     assert [(s["index"], s["batch"], s["state"], s["classes"]) for s in snapshot["steps"]] == [
         (0, "a", "promoted", ["car", "bus"]),
