@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench-ablation bench-daemon clean
+.PHONY: install demo test lint format bench-ablation bench-daemon bench-web clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench-ablation: $(STAMP)
 
 bench-daemon: $(STAMP)
 	$(PY) -m ciss_daemon.bench all --out bench-out/daemon
+
+bench-web: $(STAMP)
+	$(PY) benchmarks/dashboard.py page-load --out bench-out/web
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench-out demo-workspace

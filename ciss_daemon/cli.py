@@ -384,6 +384,36 @@ def rollback(
 
 @app.command()
 @friendly
+def web(
+    workspace: WorkspaceOption = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default: [web] host, 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default: [web] port, 8470).")] = None,
+) -> None:
+    """Serve the live dashboard and /metrics until Ctrl-C (needs the extra: pip install 'ciss[web]').
+
+    Example: ciss web --workspace /srv/ciss --port 8470
+    """
+    from ciss_daemon.web import require, serve
+
+    require()
+    ws, settings = _open(workspace)
+    host, port = host or settings.web.host, port or settings.web.port
+    console.print(
+        f"Dashboard of {ws.root} at http://{host}:{port}/ (metrics at /metrics); Ctrl-C stops it",
+        markup=False,
+    )
+    if not settings.web.token:
+        console.print(
+            "Read-only: set [web] token in ciss.toml to allow promote, discard and rollback here",
+            markup=False,
+        )
+    serve(ws, settings, host=host, port=port)
+
+
+@app.command()
+@friendly
 def prune(
     depth: Annotated[
         int, typer.Option(help="Rollback targets to keep: the newest models `ciss rollback` accepts.")

@@ -36,6 +36,7 @@ from ciss_daemon.inbox import (
     store_folder,
 )
 from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan, temp_files
+from ciss_daemon.notify import Notifier, last_event_id, new_events
 from ciss_daemon.operator import apply_requests, promote
 from ciss_daemon.planning import build_request, next_opening, training_window
 from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
@@ -90,6 +91,9 @@ class Daemon:
         self.scheduler: Any = None
         self.factory: sessionmaker[Session] | None = None
         self.window: Any = None
+        self.notifier: Notifier | None = None
+        self.notify_cursor = 0  # id of the last catalog event handed to the notifier
+        self.web: Any = None  # the dashboard's server thread, when [web] enabled
 
     # --- life cycle -------------------------------------------------------------------------------------
 
@@ -110,6 +114,7 @@ class Daemon:
         self.factory = catalog.session_factory(catalog.make_engine(url))
         self.window = training_window(self.settings.daemon.training_window)
         self.recover()
+        self._start_extras()
         # Once started (a daemon that cannot start has a better thing to say).
         mismatch = cpu_mismatch(self.settings, gpu_visible=nvidia_gpu_visible())
         if mismatch is not None:
@@ -126,6 +131,22 @@ class Daemon:
                 )
                 self.watcher = None
         self._start_timers()
+
+    def _start_extras(self) -> None:
+        """Notifications and the dashboard, when ``[notify]`` has webhooks and ``[web] enabled`` is set."""
+        if self.settings.notify.webhooks:
+            with self.factory() as s:
+                self.notify_cursor = last_event_id(session=s)
+            self.notifier = Notifier(self.settings.notify, workspace=str(self.ws.root))
+        if self.settings.web.enabled:
+            from ciss_daemon.web import serve_in_thread
+
+            try:
+                self.web = serve_in_thread(self.ws, self.settings)
+            except CissError as error:  # the service goes on without its dashboard; `ciss web` can serve it
+                log.error("no dashboard: %s", error)
+                return
+            log.info("dashboard at http://%s:%d/", self.settings.web.host, self.settings.web.port)
 
     def _start_timers(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -193,6 +214,11 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
         if self.watcher is not None:
             self.watcher.stop()
+        if self.web is not None:
+            self.web.stop()
+        if self.notifier is not None:
+            self.notify()  # the outcome of the stopped job, if it was one
+            self.notifier.close()
         self.lock.release()
         log.info("ciss daemon stopped")
 
@@ -212,6 +238,18 @@ class Daemon:
         if self.retention_due:
             self.retention_due = False
             self.retention()
+        self.notify()
+
+    def notify(self) -> None:
+        """Hand the outcomes recorded since the last call (promoted, held, failed, rejected) to webhooks."""
+        if self.notifier is None:
+            return
+        assert self.factory is not None
+        with self.factory() as s:
+            events = new_events(session=s, after=self.notify_cursor, kinds=self.settings.notify.events)
+        for event in events:
+            self.notifier.send(event)
+            self.notify_cursor = event["id"]
 
     def session(self) -> Any:
         """A write transaction on the catalog (commits on success)."""

@@ -130,6 +130,52 @@ class CatalogSettings:
             )
 
 
+NOTIFY_EVENTS = ("promoted", "held", "failed", "rejected")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The dashboard (``ciss web``, or served by the daemon when ``enabled``) and its ``/metrics``."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8470
+    token: str = ""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise SettingsError(f"web.port: {self.port} must be between 1 and 65535")
+        if not self.host:
+            raise SettingsError('web.host: must not be empty; "127.0.0.1" serves this machine only')
+        if self.token and len(self.token) < 16:
+            raise SettingsError(
+                f"web.token: {len(self.token)} characters is too short to guess safely; use at least 16, "
+                'e.g. the output of `python -c "import secrets; print(secrets.token_urlsafe())"`'
+            )
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """Webhooks told when a step is promoted, held or failed, or a batch is rejected."""
+
+    webhooks: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=lambda: list(NOTIFY_EVENTS))
+    timeout_seconds: float = 5.0
+    retries: int = 3
+    retry_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        for url in self.webhooks:
+            if not isinstance(url, str) or not re.match(r"https?://[^\s/]+", url):
+                raise SettingsError(f"notify.webhooks: {url!r} is not an http:// or https:// URL")
+        for kind in self.events:
+            if kind not in NOTIFY_EVENTS:
+                raise SettingsError(f"notify.events: {kind!r} is not one of {', '.join(NOTIFY_EVENTS)}")
+        _above("notify", "timeout_seconds", self.timeout_seconds, 0)
+        _at_least("notify", "retries", self.retries, 0)
+        _at_least("notify", "retry_seconds", self.retry_seconds, 0)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything in ``ciss.toml``."""
@@ -138,6 +184,8 @@ class Settings:
     gate: GateSettings = field(default_factory=GateSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -146,6 +194,8 @@ _DAEMON_SECTIONS: dict[str, type] = {
     "gate": GateSettings,
     "limits": LimitsSettings,
     "catalog": CatalogSettings,
+    "web": WebSettings,
+    "notify": NotifySettings,
 }
 _ENGINE_SECTIONS = ("model", "loss", "train")
 SECTIONS = (*_DAEMON_SECTIONS, *_ENGINE_SECTIONS)
@@ -214,6 +264,19 @@ _COMMENTS: dict[str, dict[str, str]] = {
     },
     "catalog": {
         "url": '"" = catalog.sqlite in this workspace; or a URL such as "postgresql://user@host/ciss".',
+    },
+    "web": {
+        "enabled": "true: the daemon also serves the dashboard (else run `ciss web`).",
+        "host": 'Address to listen on; "127.0.0.1" serves this machine only (use a proxy for others).',
+        "port": "TCP port of the dashboard and its /metrics.",
+        "token": 'Operator actions (promote, discard, rollback) in the dashboard need it; "" = read-only.',
+    },
+    "notify": {
+        "webhooks": 'URLs that get a JSON POST (Slack-compatible "text") per event, e.g. ["https://..."].',
+        "events": "Which events to send: promoted, held, failed, rejected.",
+        "timeout_seconds": "Seconds one POST may take.",
+        "retries": "Further tries after a failed POST.",
+        "retry_seconds": "Seconds before the first retry; doubled before each next one.",
     },
     "model": {
         "backbone": "One of resnet101, resnet50, resnet18, mobilenet_v3_large.",
@@ -287,6 +350,8 @@ def settings_toml(defaults: Settings, *, profile: str = "") -> str:
         "gate": defaults.gate,
         "limits": defaults.limits,
         "catalog": defaults.catalog,
+        "web": defaults.web,
+        "notify": defaults.notify,
         "model": defaults.engine.model,
         "loss": defaults.engine.loss,
         "train": defaults.engine.train,

@@ -31,6 +31,7 @@ COMMANDS = [
     "export",
     "demo",
     "experiment",
+    "web",
 ]
 
 

@@ -112,7 +112,8 @@ def test_values_are_read_into_their_sections() -> None:
         ),
         (
             "[deamon]\nsettle_seconds = 1",
-            "ciss.toml: unknown section [deamon]; allowed: daemon, gate, limits, catalog, model, loss, train",
+            "ciss.toml: unknown section [deamon]; allowed: daemon, gate, limits, catalog, web, notify, "
+            "model, loss, train",
         ),
         ("daemon = 3", "ciss.toml: daemon: expected a table of settings, got int"),
         # Engine sections keep the engine's own messages, with the file's name in front.
