@@ -104,7 +104,7 @@ def test_the_daemon_warns_once_started_when_gpu_settings_meet_a_cpu(
     with caplog.at_level(logging.WARNING, logger="ciss.daemon"):
         daemon = in_process_daemon(ws, FakeClock())
         daemon.shutdown()
-    assert caplog.messages == [
+    assert [r.getMessage() for r in caplog.records if r.name == "ciss.daemon"] == [
         "ciss.toml trains resnet101 at crop 512, batch 32, settings sized for a GPU, but daemon.device is "
         "'cpu': a step may take hours; `ciss init --profile cpu DIR` writes CPU settings"
     ]
