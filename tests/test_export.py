@@ -24,13 +24,16 @@ NAMES = {1: "cat", 2: "bicycle"}
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[DKDSegmenter, Path]:
-    """A resnet18 segmenter whose classifier is scaled up so that its labels mix 0, 1 and 2."""
+    """A resnet18 segmenter whose classifier is scaled up so that its labels mix 0, 1 and 2.
+
+    The bias shifts both logits (about +-17 here) so that some pixels have neither class above 0.5.
+    """
     torch.manual_seed(0)
     config = EngineConfig(model=ModelConfig(backbone="resnet18"))
     model = DKDSegmenter(config.model, [2]).eval()
     with torch.no_grad():
         model.classifiers[0].weight.normal_(0.0, 1.0)
-        model.classifiers[0].bias.zero_()
+        model.classifiers[0].bias.fill_(-20.0)
     directory = tmp_path_factory.mktemp("export") / "model"
     save_trained_model(model, directory, config=config, class_names=NAMES, step_index=0)
     return model, directory
