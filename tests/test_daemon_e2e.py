@@ -52,8 +52,10 @@ def test_three_batches_become_three_promoted_steps(workspace: Workspace, batches
     current = data["current"]
     assert current["version"] == "v0003" and current["step"] == 2
     assert [c["id"] for c in current["classes"]] == list(range(1, 8))
-    assert set(current["metrics"]) == {"miou_all", "miou_old", "miou_new", "hiou"}
+    assert set(current["metrics"]) == {"miou_all", "miou_old", "miou_new", "hiou", "paper"}
     assert all(0.0 <= current["metrics"][k] <= 1.0 for k in ("miou_all", "miou_old", "miou_new"))
+    # The paper's grouping: old = background + step 0's classes, new = every later class.
+    assert set(current["metrics"]["paper"]) == {"miou_old", "miou_new", "hiou"}
     assert [s["batch"] for s in data["steps"]] == [f.name for f in train]
     assert data["running"] is None and data["queue"] == []
     assert os.readlink(workspace.current) == "v0003"
