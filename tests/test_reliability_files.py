@@ -79,7 +79,7 @@ class FakeTraining:
         self.pid = os.getpid()
 
     @classmethod
-    def start(cls, job_dir: Path, request: dict[str, Any]) -> FakeTraining:
+    def start(cls, job_dir: Path, request: dict[str, Any], launch: object = None) -> FakeTraining:
         config = EngineConfig.from_dict(request["config"])
         model = _tiny_model(config, request["step_sizes"])
         names = {int(k): v for k, v in request["class_names"].items()}
