@@ -91,7 +91,9 @@ def test_sigterm_mid_step_stops_every_rank_at_one_checkpoint_and_the_resume_fini
         # One report for the whole job: the total batch's iterations, and the images of both ranks.
         assert progress["ranks"] == 2 and progress["total"] == 12
         running = json.loads(_status(ws, "--json"))["running"]
-        assert running["progress"]["ranks"] == 2 and running["eta_seconds"] is not None
+        assert running["progress"]["ranks"] == 2
+        # On a loaded machine the 12 iterations may be over by now: the ETA exists while training runs.
+        assert running["eta_seconds"] is not None or running["progress"].get("phase") != "training"
         assert "on 2 processes" in " ".join(_status(ws).split())  # however rich wraps the line
         assert daemon.stop(signal.SIGTERM) == 0
     finally:
