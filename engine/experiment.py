@@ -27,7 +27,7 @@ from rich.table import Table
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
 from engine.data import read_manifest
 from engine.evaluate import Metrics, paper_view
-from engine.runner import BatchRef, StepRequest, run_step
+from engine.runner import BatchRef, StepData, StepRequest, run_step
 from engine.synthetic import generate_batches
 from engine.train import Progress as TrainProgress
 
@@ -145,25 +145,33 @@ def run_protocol(
             config=config,
             memory_batches=protocol.steps[:index],
         )
-        with Progress(
-            TextColumn(f"{label}step {index}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} it  loss {task.fields[loss]:.4f}"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("train", total=None, loss=float("nan"))
-
-            def report(p: TrainProgress, bar: Progress = bar, task: int = task) -> None:
-                bar.update(task, completed=p.iteration, total=p.total_iterations, loss=p.losses["total"])
-
-            result = run_step(request, progress=report)
-        assert result.metrics is not None  # run_step only returns unfinished when asked to stop
-        results.append(result.metrics)
-        console.print(f"{label}step {index}: {format_metrics(result.metrics)}")
+        metrics = train_with_progress(request, f"{label}step {index}", console)
+        results.append(metrics)
+        console.print(f"{label}step {index}: {format_metrics(metrics)}")
         previous = request.output_dir
     return results
+
+
+def train_with_progress(
+    request: StepRequest, label: str, console: Console, data: StepData | None = None
+) -> Metrics:
+    """``run_step`` with a progress bar (iterations, loss, time left); the step's metrics."""
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} it  loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("train", total=None, loss=float("nan"))
+
+        def report(p: TrainProgress) -> None:
+            bar.update(task, completed=p.iteration, total=p.total_iterations, loss=p.losses["total"])
+
+        result = run_step(request, progress=report, data=data)
+    assert result.metrics is not None  # run_step only returns unfinished when asked to stop
+    return result.metrics
 
 
 def format_metrics(m: Metrics) -> str:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
 from engine.data import (
@@ -38,8 +37,8 @@ from engine.data import (
 )
 from engine.evaluate import Metrics, paper_view
 from engine.exceptions import ConfigError
-from engine.runner import EvalGroup, StepData, StepRequest, run_step
-from engine.train import Progress as TrainProgress
+from engine.experiment import train_with_progress
+from engine.runner import EvalGroup, StepData, StepRequest
 
 METHODS = ("dkd", "dkd_m", "finetune", "joint")
 METHOD_LABELS = {
@@ -235,31 +234,12 @@ def run_method(run: Run, data: ProtocolData, method: str, console: Console) -> l
                 step_data = StepData(
                     train=data.step(t, config.train), evaluation=data.evaluation(t), memory_pool=pool
                 )
-            metrics = _train_with_progress(request, step_data, f"{METHOD_LABELS[method]} step {t}", console)
+            metrics = train_with_progress(request, f"{METHOD_LABELS[method]} step {t}", console, step_data)
             console.print(f"{METHOD_LABELS[method]} step {t}: {format_row(metrics)}")
         seen = [c for s in steps[: t + 1] for c in s]
         results.append(paper_view(metrics, steps[0], seen[len(steps[0]) :]))
         previous = folder / "model"
     return results
-
-
-def _train_with_progress(request: StepRequest, data: StepData, label: str, console: Console) -> Metrics:
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} it  loss {task.fields[loss]:.4f}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("train", total=None, loss=float("nan"))
-
-        def report(p: TrainProgress) -> None:
-            bar.update(task, completed=p.iteration, total=p.total_iterations, loss=p.losses["total"])
-
-        result = run_step(request, progress=report, data=data)
-    assert result.metrics is not None  # run_step only returns unfinished when asked to stop
-    return result.metrics
 
 
 def format_row(m: Metrics) -> str:
