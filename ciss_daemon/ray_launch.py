@@ -230,6 +230,12 @@ class Supervisor:
         self.world = args.workers * self.per
 
     def run(self) -> int:
+        if self.args.address != "auto":
+            # ray.init retries an absent head for minutes, deaf to a stop: ask the port first.
+            try:
+                head_answers(self.args.address, 5.0)
+            except ClusterError as error:
+                return self.lost(str(error))
         try:
             import ray
         except ImportError:
@@ -287,6 +293,8 @@ class Supervisor:
                 for index in range(self.args.workers)
             ]
             return self._train(ray, agents)
+        except ray.exceptions.RayError as error:  # an agent that cannot start, or its node lost
+            return self.lost(f"a Ray worker of this step failed ({_first_line(error)})")
         finally:
             remove_placement_group(group)
 
@@ -313,6 +321,8 @@ class Supervisor:
             address,
             self.job_dir / RANK_LOG.format(rank="N"),
         )
+        if self.should_stop():  # before any rank started: nothing to checkpoint
+            return worker.EXIT_STOPPED
         ray.get(
             [
                 agent.start.remote(self.args.module, str(self.job_dir), index * self.per, env)
@@ -332,7 +342,7 @@ class Supervisor:
                 for found in ray.get([agent.poll.remote() for agent in agents]):
                     codes.update({int(rank): code for rank, code in found.items()})
             except ray.exceptions.RayActorError as error:
-                self._signal_all(ray, agents, signal.SIGKILL)
+                self._signal_all(ray, agents, signal.SIGKILL)  # the survivors' ranks: they cannot finish
                 return self.lost(f"a Ray worker of this step was lost ({_first_line(error)})")
             if all(code is not None for code in codes.values()):
                 return self._rank0_code(codes[0], places[0])

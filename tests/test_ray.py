@@ -28,8 +28,10 @@ from daemon_helpers import (
 from ciss_daemon import ray_launch
 from ciss_daemon.exceptions import ClusterError, SettingsError
 from ciss_daemon.inbox import submit_folder
+from ciss_daemon.jobs import Outcome, outcome_of
 from ciss_daemon.launch import Launch, plan_launch, worker_command
 from ciss_daemon.settings import parse_settings
+from ciss_daemon.worker import EXIT_RANK_LOST
 from ciss_daemon.workspace import Workspace
 from engine.checkpoint import load_checkpoint
 
@@ -113,6 +115,22 @@ def test_the_ray_plan_starts_the_worker_module_through_the_supervisor(
         str(tmp_path),
     ]
     assert env == {"CISS_RANK_TIMEOUT": "30.0"}
+
+
+def test_a_supervisor_that_finds_no_head_ends_the_attempt_for_a_retry(tmp_path: Path) -> None:
+    port = _closed_port()
+    command = [sys.executable, "-m", "ciss_daemon.ray_launch", f"--address=127.0.0.1:{port}", "--workers=2"]
+    run = subprocess.run(
+        [*command, "-m", "ciss_daemon.worker", str(tmp_path)], capture_output=True, timeout=120
+    )
+    reason = (
+        f"ray.address: no Ray head answers at 127.0.0.1:{port} (Connection refused); start one there with "
+        f"`ray start --head --port={port}` or fix [ray] address in ciss.toml"
+    )
+    assert run.returncode == EXIT_RANK_LOST
+    assert json.loads((tmp_path / "exit.json").read_text()) == {"code": EXIT_RANK_LOST, "reason": reason}
+    # What the daemon makes of it: a crashed attempt with that reason, retried from the checkpoint.
+    assert outcome_of(tmp_path, run.returncode) == Outcome("crashed", reason)
 
 
 def _on_ray(address: str, **overrides: object) -> str:
