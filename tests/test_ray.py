@@ -200,3 +200,31 @@ def test_a_step_trains_on_2_ray_workers_stops_at_a_checkpoint_and_the_resume_is_
     for rank in (0, 1):
         log = (job / f"worker-rank{rank}.log").read_text()
         assert f"resuming from {job / 'checkpoint.pt'} at epoch" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_daemon_killed_mid_step_on_ray_leaves_a_checkpoint_and_the_next_daemon_finishes_the_step(
+    tmp_path: Path, ray_head: str
+) -> None:
+    ws = new_workspace(tmp_path / "ws", _on_ray(ray_head, train__epochs_base=3, train__checkpoint_every=100))
+    daemon = DaemonProcess(ws)
+    try:
+        submit_folder(tiny_batch(tmp_path / "data", 0, n_train=16, n_val=2), ws.inbox)
+        wait_for(lambda: _progress(ws, 1).get("iteration", 0) >= 2, "training on Ray", timeout=400)
+    finally:
+        daemon.stop(signal.SIGKILL)
+    # The supervisor dies with the daemon (parent-death signal): it stops the ranks on their nodes, which
+    # agree on an iteration and checkpoint there, as on a stop.
+    wait_for(lambda: worker_pids(ws) == [], "the supervisor and both ranks to exit", timeout=120)
+    job = ws.jobs / "1"
+    assert json.loads((job / "exit.json").read_text()) == {"code": 75, "reason": None}
+    stopped_at = int(load_checkpoint(job / "checkpoint.pt")["position"]["iteration"])
+    assert 2 <= stopped_at < 12
+
+    daemon = DaemonProcess(ws)
+    try:
+        wait_for(lambda: step_states(ws) == ["promoted"], "the resumed step", timeout=500)
+    finally:
+        assert daemon.stop() == 0
+    log = (job / "worker-rank0.log").read_text()
+    assert f"resuming from {job / 'checkpoint.pt'} at epoch" in log, log[-3000:]
