@@ -5,6 +5,10 @@ CPUs, no GPU, a 100 MB object store, no dashboard) with its own temporary folder
 the session by signalling that one command, which stops every process it started (never ``ray stop``,
 which would stop every Ray node of the machine). Without Ray installed the tests skip, unless
 ``CISS_TEST_RAY_REQUIRED=1`` (set by ``.ci/run``) makes that a failure.
+
+The tests reach the head at 127.0.0.1; Ray itself names the node by the machine's own address (it turns
+``--node-ip-address=127.0.0.1`` into that) and its servers listen on every interface, so the head is
+reachable from the machine's network while the tests run, as any Ray head is.
 """
 
 from __future__ import annotations
