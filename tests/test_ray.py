@@ -17,6 +17,7 @@ import pytest
 from daemon_helpers import (
     DaemonProcess,
     catalog_rows,
+    ciss,
     new_workspace,
     settings_text,
     step_states,
@@ -86,6 +87,22 @@ def test_a_head_that_does_not_answer_is_named_with_how_to_start_one(monkeypatch:
         f"ray.address: no Ray head answers at 127.0.0.1:{port} (Connection refused); start one there with "
         f"`ray start --head --port={port}` or fix [ray] address in ciss.toml"
     )
+
+
+def test_the_daemon_does_not_start_without_its_ray_head_and_says_so_in_one_line(tmp_path: Path) -> None:
+    port = _closed_port()
+    ws = new_workspace(tmp_path / "ws", _on_ray(f"127.0.0.1:{port}"))
+    run = ciss(ws, "daemon", check=False)
+    if ray_launch.ray_installed():
+        expected = (
+            f"ray.address: no Ray head answers at 127.0.0.1:{port} (Connection refused); start one there "
+            f"with `ray start --head --port={port}` or fix [ray] address in ciss.toml"
+        )
+    else:
+        expected = "daemon.launcher = \"ray\" needs Ray, which is not installed: pip install 'ciss[ray]'"
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].endswith(f"ERROR ciss.daemon: {expected}"), run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_the_ray_plan_starts_the_worker_module_through_the_supervisor(
