@@ -86,7 +86,8 @@ class RayPlan:
     def describe(self) -> str:
         gpus = f"{self.gpus_per_worker} GPU" + ("s" if self.gpus_per_worker != 1 else "")
         each = gpus if self.gpus_per_worker else f"{self.cpus_per_worker:g} CPU (gloo)"
-        return f"the Ray cluster at {self.address}: {self.workers} workers x {each}"
+        workers = f"{self.workers} worker" + ("s" if self.workers != 1 else "")
+        return f"the Ray cluster at {self.address}: {workers} x {each}"
 
     def command(self, job_dir: Path, rank_timeout: float) -> tuple[list[str], dict[str, str]]:
         """The supervisor's command line and extra environment for ``job_dir``."""
