@@ -42,7 +42,7 @@ class Launch:
 
     def describe(self) -> str:
         if self.ray is not None:
-            return f"{self.ranks} processes on {self.ray.describe()}"
+            return f"{self.ranks} process{'es' if self.ranks != 1 else ''} on {self.ray.describe()}"
         if self.ranks == 1:
             return f"1 process on {self.device}"
         where = f"GPUs {self.cuda_visible}" if self.device == "cuda" else "the CPU (gloo)"
