@@ -440,7 +440,7 @@ def ablation(
         f"{workers} run(s) at a time, torch {torch.__version__}"
     )
     markdown = ablation_markdown(final, data, config)
-    console.print(markdown)
+    console.print(markdown, markup=False, highlight=False)
     summary = {
         "data": dataclasses.asdict(data),
         "config": config.to_dict(),
