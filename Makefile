@@ -33,7 +33,7 @@ bench-ablation: $(STAMP)
 	$(PY) -m engine.experiment ablation --out bench-out/ablation
 
 bench-daemon: $(STAMP)
-	$(PY) -m ciss_daemon.bench all --out bench-out/daemon
+	$(PY) -m benchmarks.daemon all --out bench-out/daemon
 
 bench-web: $(STAMP)
 	$(PY) benchmarks/dashboard.py page-load --out bench-out/web

@@ -3,7 +3,7 @@
     python benchmarks/ranks.py --out bench-out/ranks [--ranks 2] [--images 32] [--size 64] [--batch 8]
                                [--epochs 2] [--repeats 2] [--threads N]
 
-Starts the daemon's own worker commands (``ciss_daemon.launch.worker_command``: what the daemon runs with
+Starts the daemon's own worker commands (``service.launch.worker_command``: what the daemon runs with
 ``daemon.cpu_ranks`` = 1 and = N) on one generated step-0 batch, with the same total batch, and reads the
 worker's progress reports: images/s is the training rate the worker reports for the whole job (iterations
 since training began, times the total batch), so start-up and evaluation are not counted. The runs
@@ -27,8 +27,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ciss_daemon.bench import loadavg, machine_info
-from ciss_daemon.launch import Launch, worker_command
+from benchmarks.daemon import loadavg, machine_info
+from ciss_daemon.service.launch import Launch, worker_command
 from engine.config import EngineConfig
 from engine.synthetic import generate_batches
 

@@ -53,7 +53,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the loss terms of method.md (1 mBCE + 5 KD + 5 DKD+ + 5 DKD- + 1 AC)."""
+    """Weights of the loss terms of docs/method.md (1 mBCE + 5 KD + 5 DKD+ + 5 DKD- + 1 AC)."""
 
     mbce: float = 1.0
     kd: float = 5.0

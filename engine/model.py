@@ -1,4 +1,4 @@
-"""The DKD segmenter of method.md: a dilated backbone, the DeepLabV3 head and a bank of per-step classifiers.
+"""The DKD segmenter of docs/method.md: a dilated backbone, the DeepLabV3 head, per-step classifiers.
 
 The network is built from torchvision parts. Its logits put the auxiliary classifier in channel 0 and
 class k in channel k (background has no channel), all at feature resolution (h = H / output stride).
@@ -193,7 +193,7 @@ class DKDSegmenter(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.aux_classifier = nn.Conv2d(FEATURE_CHANNELS, 1, 1, bias=True)
-        # The reference's init (method.md): Kaiming-normal weights for the ASPP, the 3x3 head conv and
+        # The reference's init (docs/method.md): Kaiming-normal weights for the ASPP, the 3x3 head conv and
         # every classifier; PyTorch's default is about 2.4x narrower. Biases keep PyTorch's default.
         for module in (*self.head.modules(), self.aux_classifier):
             if isinstance(module, nn.Conv2d):
@@ -210,7 +210,7 @@ class DKDSegmenter(nn.Module):
     def forward(self, images: Tensor) -> SegOutput:
         """images (N, 3, H, W) -> logits (N, 1 + K, h, w) and features (N, 256, h, w)."""
         features = self.head(self.backbone(images)["out"])  # (N, 256, h, w)
-        # The stop-gradient keeps the AC loss from shaping the features (method.md).
+        # The stop-gradient keeps the AC loss from shaping the features (docs/method.md).
         aux = self.aux_classifier(features.detach())  # (N, 1, h, w)
         logits = torch.cat([aux, *(classifier(features) for classifier in self.classifiers)], dim=1)
         return SegOutput(logits=logits, features=features)
@@ -231,7 +231,7 @@ class DKDSegmenter(nn.Module):
         """Append the classifier g_t of ``num_new`` classes.
 
         With ``init_from_aux`` every output row (weight and bias) starts as a copy of the auxiliary
-        classifier, as method.md prescribes for t >= 1; otherwise Kaiming-normal weights.
+        classifier, as docs/method.md prescribes for t >= 1; otherwise Kaiming-normal weights.
         """
         if num_new < 1:
             raise ValueError(f"num_new: {num_new} must be at least 1")
@@ -287,5 +287,5 @@ def build_model(config: ModelConfig, step_sizes: Sequence[int]) -> DKDSegmenter:
 
 
 def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """(N, C, h, w) -> (N, C, *size), bilinear with align_corners=False as method.md prescribes."""
+    """(N, C, h, w) -> (N, C, *size), bilinear with align_corners=False as docs/method.md prescribes."""
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -200,7 +200,7 @@ def memory_dataset(
     teacher: DKDSegmenter,
     device: torch.device,
 ) -> SegmentationFiles | None:
-    """DKD-M: choose ``memory_size`` earlier training images balanced over old classes (method.md).
+    """DKD-M: choose ``memory_size`` earlier training images balanced over old classes (docs/method.md).
 
     ``pool`` is the candidates twice: as ground truth without augmentation, and as the training view
     (labels of the new classes only). An image's classes are its ground truth plus, from step 2 on, the
@@ -252,7 +252,7 @@ def evaluate_model(
 
     ``num_classes`` counts every class taught so far (without background); a model that knows fewer
     classes (the current model, when scoring a candidate) simply never predicts the others. With
-    ``base_classes`` the paper's grouping is reported too. Evaluation runs in float32 (method.md).
+    ``base_classes`` the paper's grouping is reported too. Evaluation runs in float32 (docs/method.md).
     """
     loaders = [
         (name, labelled, DataLoader(dataset, batch_size=1, num_workers=0))

@@ -1,10 +1,10 @@
 """Training of one step: base step (t = 0) and incremental step (t >= 1) as plain functions.
 
-``train_step`` runs the whole optimisation of method.md for one step: SGD with Nesterov momentum, poly decay
-per iteration, 10x learning rate on the head and classifiers, the weight-decay rule, BatchNorm momentum 0.01
-at step 0 and frozen BatchNorm and dropout afterwards, the frozen teacher, mixed precision on CUDA. It writes
-atomic checkpoints that hold everything needed to resume bit-for-bit (model, optimiser, scheduler, scaler,
-RNG states, position in the epoch) and resumes from one. Under ``torchrun`` it shards the data, uses
+``train_step`` runs the whole optimisation of docs/method.md for one step: SGD with Nesterov momentum, poly
+decay per iteration, 10x learning rate on the head and classifiers, the weight-decay rule, BatchNorm momentum
+0.01 at step 0 and frozen BatchNorm and dropout afterwards, the frozen teacher, mixed precision on CUDA. It
+writes atomic checkpoints that hold everything needed to resume bit-for-bit (model, optimiser, scheduler,
+scaler, RNG states, position in the epoch) and resumes from one. Under ``torchrun`` it shards the data, uses
 SyncBatchNorm where BatchNorm trains, and only rank 0 writes.
 """
 
@@ -95,7 +95,7 @@ def new_class_ids(step_sizes: list[int]) -> list[int]:
 
 
 def build_optimizer(model: DKDSegmenter, config: EngineConfig, step_index: int) -> torch.optim.SGD:
-    """SGD with the learning-rate and weight-decay groups of method.md.
+    """SGD with the learning-rate and weight-decay groups of docs/method.md.
 
     Backbone at the base rate; ASPP head and every classifier at ``head_lr_mult`` times it. Weight decay on
     everything at step 0; at t >= 1 only on the new classifier g_t, and every BatchNorm weight and bias
@@ -161,7 +161,7 @@ def loss_terms(
     config: EngineConfig,
     fast: FastPaths | None = None,
 ) -> dict[str, Tensor]:
-    """Every loss term of method.md for one batch; the weighted total is ``losses.weighted_total``.
+    """Every loss term of docs/method.md for one batch; the weighted total is ``losses.weighted_total``.
 
     ``student`` is a :class:`StepModel` (possibly inside DDP). images (N, 3, H, W); labels (N, H, W) with the
     step's label rule already applied (values not in C_t are 0, 255 is ignore). ``fast`` picks the

@@ -20,7 +20,7 @@ from typing import Any
 
 from batchmaker import make_batch
 
-from ciss_daemon.catalog import upgrade_catalog
+from ciss_daemon.catalog.connection import upgrade_catalog
 from ciss_daemon.settings import load_settings
 from ciss_daemon.workspace import Workspace, init_workspace
 
@@ -227,7 +227,7 @@ def worker_pids(ws: Workspace) -> list[int]:
             state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and b"ciss_daemon.worker" in cmdline and marker in cmdline:
+        if state != "Z" and b"ciss_daemon.service.worker" in cmdline and marker in cmdline:
             pids.append(int(entry))
     return pids
 
@@ -394,7 +394,7 @@ class FakeClock:
 
 def in_process_daemon(ws: Workspace, clock: FakeClock, *, watch: bool = False) -> Any:
     """A started ``Daemon`` on ``ws`` driven by ``tick(clock.now)``; call ``shutdown()`` when done."""
-    from ciss_daemon.daemon import Daemon
+    from ciss_daemon.service.daemon import Daemon
     from ciss_daemon.settings import load_settings
 
     daemon = Daemon(ws, load_settings(ws.settings_path), clock=clock, watch=watch)

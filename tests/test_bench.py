@@ -9,8 +9,10 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from ciss_daemon import catalog
-from ciss_daemon.bench import make_status_workspace, render_markdown, summary
+from benchmarks.daemon import make_status_workspace, render_markdown, summary
+from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.snapshot import status_snapshot
 from ciss_daemon.cli import app
 
 
@@ -18,12 +20,12 @@ def test_built_catalog_shows_every_step_promoted(tmp_path: Path) -> None:
     ws, stats = make_status_workspace(tmp_path / "ws", steps=50)
     assert (stats.steps, stats.classes, stats.rejections) == (50, 150, 2)
     url = f"sqlite:///{ws.catalog_path}"
-    catalog.check_catalog(url)  # at schema head, as `ciss status` requires
-    engine = catalog.make_engine(url)
-    factory = catalog.session_factory(engine)
+    connection.check_catalog(url)  # at schema head, as `ciss status` requires
+    engine = connection.make_engine(url)
+    factory = connection.session_factory(engine)
     try:
         with factory() as session:
-            data = catalog.status_snapshot(session=session)
+            data = status_snapshot(session=session)
             class_ids = [cid for cid, _, _ in catalog.class_map(session=session, upto_step=49)]
             assert catalog.next_runnable_step(session=session) is None
     finally:
@@ -43,9 +45,9 @@ def test_the_daemon_carries_on_from_a_built_catalog(tmp_path: Path) -> None:
     # The next batch through the real catalog functions gets the next step and class ids: the builder kept
     # the invariants the daemon relies on (contiguous ids in step order, nothing to renumber).
     ws, _ = make_status_workspace(tmp_path / "ws", steps=5)
-    engine = catalog.make_engine(f"sqlite:///{ws.catalog_path}")
+    engine = connection.make_engine(f"sqlite:///{ws.catalog_path}")
     try:
-        with catalog.transaction(catalog.session_factory(engine)) as session:
+        with connection.transaction(connection.session_factory(engine)) as session:
             batch = catalog.record_batch(
                 session=session,
                 name="next",
@@ -86,6 +88,6 @@ def test_results_markdown_from_a_summary() -> None:
         "loadavg_at_start": [0, 0, 0],
     }
     text = render_markdown(
-        {"command": "python -m ciss_daemon.bench idle", "taken_at": "now", "machine": machine}
+        {"command": "python -m benchmarks.daemon idle", "taken_at": "now", "machine": machine}
     )
-    assert "test CPU" in text and "python -m ciss_daemon.bench idle" in text
+    assert "test CPU" in text and "python -m benchmarks.daemon idle" in text

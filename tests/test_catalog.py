@@ -19,8 +19,10 @@ from postgres import PostgresServer
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import catalog as cat
-from ciss_daemon.db import Batch, Class, Event, ModelVersion, Rejection, Step
+from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import records as cat
+from ciss_daemon.catalog.snapshot import status_snapshot
+from ciss_daemon.catalog.tables import Batch, Class, Event, ModelVersion, Rejection, Step
 from ciss_daemon.exceptions import CatalogError, OperatorError
 
 T0 = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
@@ -31,7 +33,7 @@ METRICS = {"miou_all": 0.6, "miou_old": 0.7, "miou_new": 0.5, "hiou": 0.58, "per
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Upgraded once; each test works on its own copy.
     path = tmp_path_factory.mktemp("template") / "catalog.sqlite"
-    cat.upgrade_catalog(f"sqlite:///{path}", backup_dir=None)
+    connection.upgrade_catalog(f"sqlite:///{path}", backup_dir=None)
     return path
 
 
@@ -39,7 +41,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def postgres_template(postgres: PostgresServer) -> str:
     # Upgraded once; each test gets a database copied from it (CREATE DATABASE ... TEMPLATE).
     url = postgres.new_database()
-    cat.upgrade_catalog(url, backup_dir=None)
+    connection.upgrade_catalog(url, backup_dir=None)
     return url.rpartition("/")[2]
 
 
@@ -55,8 +57,8 @@ def url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def factory(url: str) -> Iterator[sessionmaker[Session]]:
-    engine = cat.make_engine(url)
-    yield cat.session_factory(engine)
+    engine = connection.make_engine(url)
+    yield connection.session_factory(engine)
     engine.dispose()
 
 
@@ -418,7 +420,7 @@ def test_a_rolled_back_class_can_be_taught_again(session: Session, tmp_path: Pat
     assert ids(session) == {"car": 1, "tram": 2, "bus": 3}
     promoted(session, step, tmp_path)
     assert cat.taught_class_names(session=session) == {"car", "tram"}
-    steps = cat.status_snapshot(session=session)["steps"]
+    steps = status_snapshot(session=session)["steps"]
     assert [(s["state"], s["classes"]) for s in steps] == [
         ("promoted", ["car"]),
         ("rolled_back", ["bus", "tram"]),  # as its batch declared them
@@ -429,12 +431,12 @@ def test_a_rolled_back_class_can_be_taught_again(session: Session, tmp_path: Pat
 
 def test_times_are_stored_as_utc(factory: sessionmaker[Session]) -> None:
     eastern = dt.timezone(dt.timedelta(hours=-5))
-    with cat.transaction(factory) as s:
+    with connection.transaction(factory) as s:
         cat.log_event(session=s, kind="test", message="hello", now=dt.datetime(2026, 5, 1, 7, tzinfo=eastern))
     with factory() as s:
         at = s.scalars(select(Event.at)).one()
     assert at == T0 and at.tzinfo == dt.UTC
-    with pytest.raises(Exception, match="naive datetime"), cat.transaction(factory) as s:
+    with pytest.raises(Exception, match="naive datetime"), connection.transaction(factory) as s:
         cat.log_event(session=s, kind="test", message="naive", now=dt.datetime(2026, 5, 1, 12))
 
 
@@ -469,7 +471,7 @@ def test_status_snapshot_shows_model_job_queue_rejections_and_events(
             step=running,
             now=T0 + dt.timedelta(minutes=minute),
         )
-    snapshot = cat.status_snapshot(session=session, recent=10)
+    snapshot = status_snapshot(session=session, recent=10)
     json.dumps(snapshot)  # JSON-ready
 
     assert snapshot["current"] == {
@@ -500,7 +502,7 @@ def test_status_snapshot_shows_model_job_queue_rejections_and_events(
 
 def test_status_snapshot_of_a_thousand_steps_in_a_few_queries(factory: sessionmaker[Session]) -> None:
     states = ("promoted", "failed", "discarded", "rolled_back")
-    with cat.transaction(factory) as s:
+    with connection.transaction(factory) as s:
         # Built directly: the catalog functions would work too, only slower.
         for i in range(1000):
             batch = Batch(
@@ -551,7 +553,7 @@ def test_status_snapshot_of_a_thousand_steps_in_a_few_queries(factory: sessionma
     engine = factory.kw["bind"]
     event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
     with factory() as s:
-        snapshot = cat.status_snapshot(session=s, recent=5)
+        snapshot = status_snapshot(session=s, recent=5)
     assert len(statements) <= 8, statements
     assert len(snapshot["steps"]) == 1000
     assert [x["index"] for x in snapshot["steps"]] == list(range(1000))
@@ -574,43 +576,43 @@ def test_status_snapshot_of_a_thousand_steps_in_a_few_queries(factory: sessionma
 
 
 def test_reader_reads_while_a_writer_holds_a_write_transaction(url: str) -> None:
-    writer_engine, reader_engine = cat.make_engine(url), cat.make_engine(url)
-    writers, readers = cat.session_factory(writer_engine), cat.session_factory(reader_engine)
-    with cat.transaction(writers) as w:
+    writer_engine, reader_engine = connection.make_engine(url), connection.make_engine(url)
+    writers, readers = connection.session_factory(writer_engine), connection.session_factory(reader_engine)
+    with connection.transaction(writers) as w:
         cat.log_event(session=w, kind="first", message="committed")
     with writers() as w:
-        w.connection(execution_options=cat.WRITE_OPTIONS)
+        w.connection(execution_options=connection.WRITE_OPTIONS)
         cat.log_event(session=w, kind="second", message="not yet committed")
         started = time.monotonic()
         with readers() as r:
-            seen = [e["message"] for e in cat.status_snapshot(session=r)["events"]]
+            seen = [e["message"] for e in status_snapshot(session=r)["events"]]
         assert time.monotonic() - started < 1.0  # did not wait out the busy timeout
         assert seen == ["committed"]
         w.commit()
     with readers() as r:
-        assert len(cat.status_snapshot(session=r)["events"]) == 2
+        assert len(status_snapshot(session=r)["events"]) == 2
     writer_engine.dispose()
     reader_engine.dispose()
 
 
 def test_a_second_writer_waits_for_the_first_instead_of_failing(url: str) -> None:
-    first_engine, second_engine = cat.make_engine(url), cat.make_engine(url)
-    first, second = cat.session_factory(first_engine), cat.session_factory(second_engine)
+    first_engine, second_engine = connection.make_engine(url), connection.make_engine(url)
+    first, second = connection.session_factory(first_engine), connection.session_factory(second_engine)
     errors: list[BaseException] = []
     done = threading.Event()
 
     def write_second() -> None:
         try:
-            with cat.transaction(second) as s:
+            with connection.transaction(second) as s:
                 # Read, then write: a plain deferred BEGIN would read a snapshot the first writer then
                 # makes stale, and fail at once with "database is locked" instead of waiting.
-                count = len(cat.status_snapshot(session=s)["events"])
+                count = len(status_snapshot(session=s)["events"])
                 cat.log_event(session=s, kind="second", message=f"second writer after {count}")
         except BaseException as exc:  # reported to the test thread below
             errors.append(exc)
         done.set()
 
-    with cat.transaction(first) as s:
+    with connection.transaction(first) as s:
         cat.log_event(session=s, kind="first", message="first writer")
         thread = threading.Thread(target=write_second)
         thread.start()
@@ -626,17 +628,17 @@ def test_a_second_writer_waits_for_the_first_instead_of_failing(url: str) -> Non
 def test_status_readers_see_each_promotion_whole_while_steps_are_promoted(url: str, tmp_path: Path) -> None:
     # ciss status runs several queries; each read must see one committed state, never half of a promotion
     # (a step promoted but its class not yet taught, or the old model still current).
-    writer_engine, reader_engine = cat.make_engine(url), cat.make_engine(url, read_only=True)
-    writers, readers = cat.session_factory(writer_engine), cat.session_factory(reader_engine)
+    writer_engine, reader_engine = connection.make_engine(url), connection.make_engine(url, read_only=True)
+    writers, readers = connection.session_factory(writer_engine), connection.session_factory(reader_engine)
     done = threading.Event()
     errors: list[BaseException] = []
 
     def write() -> None:
         try:
             for i in range(30):
-                with cat.transaction(writers) as s:
+                with connection.transaction(writers) as s:
                     version = train(s, add_step(s, f"s{i}", {1: f"class{i}"}), tmp_path)
-                with cat.transaction(writers) as s:
+                with connection.transaction(writers) as s:
                     cat.promote_version(session=s, version=s.merge(version))
         except BaseException as exc:  # reported to the test thread below
             errors.append(exc)
@@ -647,7 +649,7 @@ def test_status_readers_see_each_promotion_whole_while_steps_are_promoted(url: s
     reads, problems = 0, []
     while not done.is_set() or reads == 0:
         with readers() as r:
-            snap = cat.status_snapshot(session=r)
+            snap = status_snapshot(session=r)
         reads += 1
         promoted_classes = {c for st in snap["steps"] if st["state"] == "promoted" for c in st["classes"]}
         current = snap["current"]
@@ -673,8 +675,9 @@ def test_status_readers_see_each_promotion_whole_while_steps_are_promoted(url: s
 def test_catalog_settings_and_workspace_do_not_import_torch(url: str) -> None:
     code = (
         "import sys\n"
-        "from ciss_daemon import catalog, db, settings, workspace\n"
-        f"catalog.check_catalog({url!r})\n"
+        "from ciss_daemon import settings, workspace\n"
+        "from ciss_daemon.catalog import connection, records, snapshot, tables\n"
+        f"connection.check_catalog({url!r})\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'alembic' not in sys.modules, 'alembic imported by a reader'\n"
     )

@@ -10,7 +10,7 @@ from test_status import add_steps, runner
 from test_visualize import _noise, _save_model
 
 from ciss_daemon.cli import app
-from ciss_daemon.promotion import swap_current
+from ciss_daemon.service.promotion import swap_current
 from ciss_daemon.workspace import Workspace, find_workspace
 
 

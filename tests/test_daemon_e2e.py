@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from daemon_helpers import SETTINGS, DaemonProcess, ciss, states, status, wait_for
 
-from ciss_daemon.catalog import upgrade_catalog
-from ciss_daemon.inbox import submit_folder
+from ciss_daemon.batch.inbox import submit_folder
+from ciss_daemon.catalog.connection import upgrade_catalog
 from ciss_daemon.workspace import Workspace, init_workspace
 from engine.synthetic import generate_batches
 

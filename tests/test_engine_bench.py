@@ -1,4 +1,4 @@
-"""engine.bench runs end to end on tiny CPU settings and counts FLOPs as docs/benchmarks.md states."""
+"""benchmarks.throughput runs end to end on tiny CPU settings and counts FLOPs as docs/benchmarks.md says."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from engine import bench
+from benchmarks import throughput as bench
 from engine.synthetic import generate_batches
 
 
 def test_flops_match_the_gpu_profile_figures() -> None:
-    # The H100 profile notes (gpu-profile.md): 135.6 GFLOP per ResNet-101 forward at 512x512 and 542 per
-    # incremental training image.
+    # The H100 profile (docs/benchmarks.md, "GPU throughput"): 135.6 GFLOP per ResNet-101 forward at 512x512
+    # and 542 per incremental training image.
     forward = bench.forward_flops_per_image("resnet101", 512, 1)
     assert forward / 1e9 == pytest.approx(135.6, abs=0.1)
     assert bench.training_flops_per_image("resnet101", 512, 1) == pytest.approx(4 * forward)

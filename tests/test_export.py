@@ -12,8 +12,8 @@ import onnxruntime
 import pytest
 import torch
 
-from ciss_daemon.export import METADATA_KEY, ExportError, export_format, export_model
-from ciss_daemon.visualize import palette
+from ciss_daemon.outputs.export import METADATA_KEY, ExportError, export_format, export_model
+from ciss_daemon.outputs.predict import palette
 from engine.config import EngineConfig, ModelConfig
 from engine.evaluate import predict_labels
 from engine.model import DKDSegmenter, upsample

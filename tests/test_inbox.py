@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from batchmaker import make_batch
 
-from ciss_daemon.exceptions import SubmitError, WorkspaceError
-from ciss_daemon.inbox import (
+from ciss_daemon.batch.inbox import (
     STAGING,
     SUBMITTED_MARKER,
     CompletenessTracker,
@@ -21,7 +20,8 @@ from ciss_daemon.inbox import (
     scan_inbox,
     submit_folder,
 )
-from ciss_daemon.validation import Problem, validate_batch
+from ciss_daemon.batch.validation import Problem, validate_batch
+from ciss_daemon.exceptions import SubmitError, WorkspaceError
 
 NOW = datetime(2026, 11, 25, 10, 15, 0, tzinfo=UTC)
 

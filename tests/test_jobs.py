@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from daemon_helpers import FakeClock, in_process_daemon, new_workspace, settings_text
 
-from ciss_daemon import catalog
-from ciss_daemon.db import Job
-from ciss_daemon.jobs import TrainingProcess
+from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.tables import Job
+from ciss_daemon.service.jobs import TrainingProcess
 
 # A child that ignores SIGTERM while it writes a checkpoint's temporary file, as a slow iteration would.
 STUBBORN = """
@@ -51,7 +52,7 @@ def test_the_daemon_logs_the_timeout_and_puts_it_in_the_steps_note(
 ) -> None:
     ws = new_workspace(tmp_path / "ws", settings_text(daemon__stop_timeout_seconds=0.5))
     daemon = in_process_daemon(ws, FakeClock())
-    with catalog.transaction(daemon.factory) as s:
+    with connection.transaction(daemon.factory) as s:
         batch = catalog.record_batch(
             session=s,
             name="b",
@@ -82,7 +83,7 @@ def test_an_iteration_longer_than_the_stop_timeout_is_warned_once(
     ws = new_workspace(tmp_path / "ws", settings_text(daemon__stop_timeout_seconds=60.0))
     daemon = in_process_daemon(ws, FakeClock())
     try:
-        with catalog.transaction(daemon.factory) as s:
+        with connection.transaction(daemon.factory) as s:
             batch = catalog.record_batch(
                 session=s,
                 name="b",
@@ -114,12 +115,12 @@ def test_a_resumed_attempt_is_logged_with_its_iteration(
 ) -> None:
     from types import SimpleNamespace
 
-    from ciss_daemon.worker import PROGRESS, ProgressWriter
+    from ciss_daemon.service.worker import PROGRESS, ProgressWriter
 
     ws = new_workspace(tmp_path / "ws", settings_text())
     daemon = in_process_daemon(ws, FakeClock())
     try:
-        with catalog.transaction(daemon.factory) as s:
+        with connection.transaction(daemon.factory) as s:
             batch = catalog.record_batch(
                 session=s,
                 name="b",
@@ -163,8 +164,8 @@ def test_a_resumed_attempt_is_logged_with_its_iteration(
 def test_the_daemon_writes_a_log_file_in_the_workspace_unless_under_systemd(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ciss_daemon.daemon import run_daemon
-    from ciss_daemon.service import InstanceLock
+    from ciss_daemon.service.daemon import run_daemon
+    from ciss_daemon.service.systemd import InstanceLock
     from ciss_daemon.settings import load_settings
 
     ws = new_workspace(tmp_path / "ws", settings_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ciss_daemon.exceptions import SettingsError
-from ciss_daemon.launch import Launch, plan_launch, visible_gpus, worker_command
+from ciss_daemon.service.launch import Launch, plan_launch, visible_gpus, worker_command
 from ciss_daemon.settings import DaemonSettings, parse_settings
 
 
@@ -74,11 +74,11 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatc
 
 def test_several_ranks_start_under_torch_distributed_run(tmp_path: Path) -> None:
     assert worker_command(tmp_path, Launch(1, "cpu")) == (
-        [sys.executable, "-m", "ciss_daemon.worker", str(tmp_path)],
+        [sys.executable, "-m", "ciss_daemon.service.worker", str(tmp_path)],
         {},
     )
     command, env = worker_command(tmp_path, Launch(2, "cuda", "0,3", 60.0))
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc-per-node=2" in command and "--standalone" in command
-    assert command[-3:] == ["-m", "ciss_daemon.worker", str(tmp_path)]
+    assert command[-3:] == ["-m", "ciss_daemon.service.worker", str(tmp_path)]
     assert env == {"CISS_RANK_TIMEOUT": "60.0", "CUDA_VISIBLE_DEVICES": "0,3"}

@@ -13,7 +13,7 @@ with warnings.catch_warnings():
 
 from web_helpers import T0, seed, workspace
 
-from ciss_daemon.service import InstanceLock
+from ciss_daemon.service.systemd import InstanceLock
 from ciss_daemon.settings import load_settings
 from ciss_daemon.web.app import create_app
 from ciss_daemon.workspace import Workspace

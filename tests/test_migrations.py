@@ -19,8 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
 import migrations
-from ciss_daemon.catalog import check_catalog, make_engine, upgrade_catalog
-from ciss_daemon.db import SCHEMA_HEAD, Base
+from ciss_daemon.catalog.connection import check_catalog, make_engine, upgrade_catalog
+from ciss_daemon.catalog.tables import SCHEMA_HEAD, Base
 from ciss_daemon.exceptions import CatalogError, SchemaError
 
 MIGRATIONS = Path(migrations.__file__).parent
@@ -237,11 +237,12 @@ SEEDERS: dict[str, Callable[[Connection], None]] = {
 def _populate(url: str, tag: str = "b") -> dict[str, int]:
     """Add a promoted step, an evaluation batch, a rejection and an event through the daemon's own
     functions (names and hashes made from ``tag``); returns the rows per table."""
-    from ciss_daemon import catalog
+    from ciss_daemon.catalog import connection
+    from ciss_daemon.catalog import records as catalog
 
     engine = make_engine(url)
-    factory = catalog.session_factory(engine)
-    with catalog.transaction(factory) as s:
+    factory = connection.session_factory(engine)
+    with connection.transaction(factory) as s:
         batch = catalog.record_batch(
             session=s,
             name=f"{tag}0",
@@ -382,7 +383,7 @@ _UPGRADE_WITH = """
 import sys
 from pathlib import Path
 from alembic.config import Config
-from ciss_daemon import catalog
+from ciss_daemon.catalog import connection
 
 def config(url):
     c = Config()
@@ -390,9 +391,9 @@ def config(url):
     c.set_main_option("sqlalchemy.url", url)
     return c
 
-catalog._alembic_config = config
-catalog.SCHEMA_HEAD = "9002"
-catalog.upgrade_catalog(sys.argv[2], backup_dir=Path(sys.argv[3]))
+connection._alembic_config = config
+connection.SCHEMA_HEAD = "9002"
+connection.upgrade_catalog(sys.argv[2], backup_dir=Path(sys.argv[3]))
 """
 
 
@@ -408,15 +409,15 @@ def broken_migrations(tmp_path: Path) -> Path:
 
 
 def _use_migrations(monkeypatch: pytest.MonkeyPatch, copy: Path) -> None:
-    from ciss_daemon import catalog
+    from ciss_daemon.catalog import connection
 
     def config(url: str) -> Config:
         config = _config(url)
         config.set_main_option("script_location", str(copy))
         return config
 
-    monkeypatch.setattr(catalog, "_alembic_config", config)
-    monkeypatch.setattr(catalog, "SCHEMA_HEAD", "9002")
+    monkeypatch.setattr(connection, "_alembic_config", config)
+    monkeypatch.setattr(connection, "SCHEMA_HEAD", "9002")
 
 
 def _unchanged(path: Path, before: dict[str, int]) -> None:

@@ -11,9 +11,9 @@ from batchmaker import make_batch
 from daemon_helpers import FakeClock, in_process_daemon, new_workspace, settings_text, wait_for
 from web_helpers import Hook
 
+from ciss_daemon.batch.inbox import SUBMITTED_MARKER
 from ciss_daemon.exceptions import SettingsError
-from ciss_daemon.inbox import SUBMITTED_MARKER
-from ciss_daemon.notify import Notifier, deliver, message
+from ciss_daemon.service.notify import Notifier, deliver, message
 from ciss_daemon.settings import NotifySettings, parse_settings
 
 
@@ -93,7 +93,7 @@ def test_a_slow_server_times_out_and_never_blocks_send(hook: Hook) -> None:
 
 
 def test_a_full_queue_drops_instead_of_waiting(hook: Hook, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ciss_daemon.notify as notify
+    import ciss_daemon.service.notify as notify
 
     hook.gate.clear()
     monkeypatch.setattr(notify, "QUEUE_SIZE", 2)

@@ -16,7 +16,7 @@ from daemon_helpers import DaemonProcess, new_workspace, settings_text, wait_for
 from postgres import PostgresServer
 from sqlalchemy.engine import make_url
 
-from ciss_daemon import catalog
+from ciss_daemon.catalog import connection
 from ciss_daemon.exceptions import DaemonRunningError
 
 pytestmark = pytest.mark.postgres
@@ -33,7 +33,11 @@ def _shown(url: str) -> str:
 
 def test_the_lease_admits_one_holder_per_database_and_frees_it_on_release(postgres: PostgresServer) -> None:
     url, other = postgres.new_database(), postgres.new_database()
-    first, second, elsewhere = catalog.DaemonLease(url), catalog.DaemonLease(url), catalog.DaemonLease(other)
+    first, second, elsewhere = (
+        connection.DaemonLease(url),
+        connection.DaemonLease(url),
+        connection.DaemonLease(other),
+    )
     first.acquire()
     try:
         with pytest.raises(DaemonRunningError) as caught:
@@ -52,7 +56,7 @@ def test_the_lease_admits_one_holder_per_database_and_frees_it_on_release(postgr
 
 def test_the_lease_is_a_no_op_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'catalog.sqlite'}"
-    first, second = catalog.DaemonLease(url), catalog.DaemonLease(url)
+    first, second = connection.DaemonLease(url), connection.DaemonLease(url)
     first.acquire()
     second.acquire()  # the workspace's flock keeps daemons apart there
     first.release()

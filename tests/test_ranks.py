@@ -29,7 +29,7 @@ from daemon_helpers import (
     worker_pids,
 )
 
-from ciss_daemon.inbox import submit_folder
+from ciss_daemon.batch.inbox import submit_folder
 from ciss_daemon.workspace import Workspace
 from engine.checkpoint import load_checkpoint
 
@@ -141,7 +141,7 @@ def test_a_step_trained_by_2_ranks_equals_1_process_with_the_same_total_batch(tm
     request.update(workdir=str(reference), output_dir=str(reference / "candidate"), ranks=1)
     (reference / "request.json").write_text(json.dumps(request))
     env = {k: v for k, v in os.environ.items() if k != "CISS_PARENT_PID"}
-    command = [sys.executable, "-m", "ciss_daemon.worker", str(reference)]
+    command = [sys.executable, "-m", "ciss_daemon.service.worker", str(reference)]
     run = subprocess.run(command, env=env, capture_output=True, timeout=900)  # slow on a loaded box
     assert run.returncode == 0, run.stdout[-2000:]
     by_two = safetensors.torch.load_file(Path(path) / "model.safetensors")

@@ -44,7 +44,7 @@ from daemon_helpers import (
     worker_pids,
 )
 
-from ciss_daemon.inbox import submit_folder
+from ciss_daemon.batch.inbox import submit_folder
 from ciss_daemon.workspace import Workspace
 from engine.checkpoint import load_checkpoint
 
@@ -299,7 +299,7 @@ def test_sigterm_checkpoints_exits_in_time_and_resumes_to_the_weights_of_an_unin
     (reference / "request.json").write_text(json.dumps(request))
     env = {k: v for k, v in os.environ.items() if k != "CISS_PARENT_PID"}
     run = subprocess.run(
-        [sys.executable, "-m", "ciss_daemon.worker", str(reference)],
+        [sys.executable, "-m", "ciss_daemon.service.worker", str(reference)],
         env=env,
         capture_output=True,
         timeout=300,

@@ -36,10 +36,10 @@ from daemon_helpers import (
 )
 from sqlalchemy.exc import OperationalError
 
-import ciss_daemon.daemon as daemon_module
-from ciss_daemon import promotion
-from ciss_daemon.inbox import submit_folder
-from ciss_daemon.jobs import Outcome, TrainingProcess
+import ciss_daemon.service.daemon as daemon_module
+from ciss_daemon.batch.inbox import submit_folder
+from ciss_daemon.service import promotion
+from ciss_daemon.service.jobs import Outcome, TrainingProcess
 from ciss_daemon.settings import load_settings
 from ciss_daemon.workspace import Workspace
 from engine.checkpoint import META_FILE, MODEL_FILE, load_checkpoint, load_model_files
@@ -324,7 +324,7 @@ def test_a_full_disk_during_a_checkpoint_fails_the_step_and_keeps_the_previous_c
 def test_a_full_disk_while_writing_progress_does_not_stop_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from ciss_daemon.worker import PROGRESS, ProgressWriter
+    from ciss_daemon.service.worker import PROGRESS, ProgressWriter
 
     writer = ProgressWriter(tmp_path / PROGRESS)
     writer.phase("starting")

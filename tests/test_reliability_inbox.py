@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ciss_daemon.inbox import REJECTION_REPORT, submit_folder
+from ciss_daemon.batch.inbox import REJECTION_REPORT, submit_folder
 from ciss_daemon.workspace import Workspace
 
 NEVER = "0 0 29 2 *"  # a training window that opens only at 00:00 on 29 February
@@ -93,8 +93,8 @@ def settle(daemon, clock: FakeClock, rounds: int = 2) -> None:
 def test_a_failed_steps_batch_can_be_submitted_again(daemon, ws: Workspace, clock: FakeClock) -> None:
     from sqlalchemy import select
 
-    from ciss_daemon import catalog
-    from ciss_daemon.db import Job
+    from ciss_daemon.catalog import records as catalog
+    from ciss_daemon.catalog.tables import Job
 
     source = tiny_batch(ws.root / "kept", 0, kind="train", n_train=2, n_val=1)
     submit_folder(source, ws.inbox)
@@ -545,7 +545,7 @@ def _fuzz_batches(draw: st.DrawFn) -> tuple[str, str | None, dict[str, object], 
 
 
 def _valid(kind: str | None, table: dict[str, object], values: list[int], reserved: set[str]) -> bool:
-    """What validation must decide, from the rules of product.md, computed independently."""
+    """What validation must decide, from the rules of docs/product.md, computed independently."""
     if kind not in ("train", "eval") or not table:
         return False
     if not all(k.isdigit() and str(int(k)) == k and 0 < int(k) < 255 for k in table):

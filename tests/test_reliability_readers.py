@@ -34,8 +34,8 @@ from daemon_helpers import (
     wait_for,
 )
 
-from ciss_daemon.inbox import submit_folder
-from ciss_daemon.promotion import resolve_current, swap_current
+from ciss_daemon.batch.inbox import submit_folder
+from ciss_daemon.service.promotion import resolve_current, swap_current
 from engine.checkpoint import load_model_files, save_model
 from engine.exceptions import CheckpointError
 
@@ -44,7 +44,7 @@ STATUS_LOOP = Path(__file__).resolve().parent / "status_loop.py"
 _SWAPPER = """
 import sys, time
 from pathlib import Path
-from ciss_daemon.promotion import swap_current
+from ciss_daemon.service.promotion import swap_current
 models, versions, seconds = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 count, deadline = 0, time.monotonic() + seconds
 while time.monotonic() < deadline:

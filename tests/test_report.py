@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ciss_daemon.report import (
+from ciss_daemon.outputs.report import (
     ReportData,
     ReportError,
     StepReport,
@@ -125,7 +125,7 @@ def test_sample_predictions_maps_masks_and_predicts(tmp_path: Path) -> None:
 
 
 def test_twenty_classes_keep_their_whole_legend_in_samples_png() -> None:
-    from ciss_daemon.report import samples_figure
+    from ciss_daemon.outputs.report import samples_figure
 
     names = {k: f"class-number-{k}" for k in range(1, 21)}
     gt = np.arange(1, 21).repeat(8).reshape(10, 16)  # every class present
@@ -138,7 +138,7 @@ def test_twenty_classes_keep_their_whole_legend_in_samples_png() -> None:
 
 
 def test_the_same_image_stored_twice_is_shown_once(tmp_path: Path) -> None:
-    from ciss_daemon.report import distinct_pairs
+    from ciss_daemon.outputs.report import distinct_pairs
 
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "again").mkdir()
@@ -149,7 +149,7 @@ def test_the_same_image_stored_twice_is_shown_once(tmp_path: Path) -> None:
 
 
 def test_the_loss_plot_says_which_line_is_the_weighted_total() -> None:
-    from ciss_daemon.report import loss_figure
+    from ciss_daemon.outputs.report import loss_figure
 
     figure = loss_figure(_steps())
     assert figure is not None
@@ -159,7 +159,7 @@ def test_the_loss_plot_says_which_line_is_the_weighted_total() -> None:
 
 
 def test_class_colours_follow_batch_toml_then_colour_words_then_the_palette() -> None:
-    from ciss_daemon.visualize import COLOUR_WORDS, class_palette, palette
+    from ciss_daemon.outputs.predict import COLOUR_WORDS, class_palette, palette
 
     table = class_palette({1: "orange-plate", 2: "cat", 3: "striped_blue_disc"}, {"cat": (1, 2, 3)})
     assert table[1].tolist() == list(COLOUR_WORDS["orange"])

@@ -9,10 +9,11 @@ from sqlalchemy import select
 from test_status import add_steps, factory_of, runner
 from typer.testing import Result
 
-from ciss_daemon import catalog, status
+from ciss_daemon import status
+from ciss_daemon.catalog import connection
+from ciss_daemon.catalog.tables import Job
 from ciss_daemon.cli import app
-from ciss_daemon.db import Job
-from ciss_daemon.retention import prune_checkpoints
+from ciss_daemon.service.retention import prune_checkpoints
 from ciss_daemon.workspace import Workspace, find_workspace
 
 MIB = 1024**2
@@ -65,7 +66,7 @@ def test_checkpoints_of_finished_jobs_go_beyond_the_newest_ones_but_held_steps_k
         dirs = {job.step.index: Path(job.workdir) for job in s.scalars(select(Job))}
     for workdir in dirs.values():
         fill(workdir / "checkpoint.pt")
-    with catalog.transaction(factory) as s:
+    with connection.transaction(factory) as s:
         freed = prune_checkpoints(s, keep=1)
     assert freed.words("checkpoint") == "2 checkpoints, 2 MiB freed"
     kept = sorted(i for i, d in dirs.items() if (d / "checkpoint.pt").exists())

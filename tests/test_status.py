@@ -11,10 +11,11 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from ciss_daemon import catalog
 from ciss_daemon import status as status_view
+from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import records as catalog
 from ciss_daemon.cli import app
-from ciss_daemon.service import InstanceLock
+from ciss_daemon.service.systemd import InstanceLock
 from ciss_daemon.settings import load_settings, parse_settings
 from ciss_daemon.workspace import Workspace, find_workspace
 
@@ -30,12 +31,12 @@ def ws(tmp_path: Path) -> Workspace:
 
 
 def factory_of(ws: Workspace):  # type: ignore[no-untyped-def]
-    return catalog.session_factory(catalog.make_engine(ws.catalog_url(load_settings(ws.settings_path))))
+    return connection.session_factory(connection.make_engine(ws.catalog_url(load_settings(ws.settings_path))))
 
 
 def add_steps(ws: Workspace, *states: str) -> None:
     """One step per state: 'promoted', 'held', 'queued' or 'requeued' (queued after a killed attempt)."""
-    with catalog.transaction(factory_of(ws)) as s:
+    with connection.transaction(factory_of(ws)) as s:
         for index, state in enumerate(states):
             batch = catalog.record_batch(
                 session=s,
@@ -76,7 +77,7 @@ def rendered(data: dict, ws: Workspace) -> str:
 
 
 def test_names_and_reasons_with_brackets_are_shown_as_written(ws: Workspace) -> None:
-    with catalog.transaction(factory_of(ws)) as s:
+    with connection.transaction(factory_of(ws)) as s:
         catalog.record_rejection(
             session=s,
             batch_name="[bold]bikes",

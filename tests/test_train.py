@@ -1,4 +1,4 @@
-"""Training rules of method.md on a tiny model: optimiser groups, freezing, teacher, resume, DDP."""
+"""Training rules of docs/method.md on a tiny model: optimiser groups, freezing, teacher, resume, DDP."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ciss_daemon.validation import Problem, ValidationResult, validate_batch
+from ciss_daemon.batch.validation import Problem, ValidationResult, validate_batch
 
 EXAMPLE = 'e.g. kind = "train" and a [classes] table such as 1 = "bicycle"'
 MANIFEST_TODO = f"write batch.toml last, after images/ and masks/ ({EXAMPLE})"
@@ -444,7 +444,7 @@ def test_random_input_never_raises(manifest: str, masks: list[np.ndarray], image
 
 
 def test_batch_toml_may_give_class_colours(tmp_path: Path) -> None:
-    from ciss_daemon.validation import manifest_colours
+    from engine.batch_format import manifest_colours
 
     folder = make_batch(tmp_path, "plates", classes={1: "orange-plate", 2: "cup"})
     (folder / "batch.toml").write_text(

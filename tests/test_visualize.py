@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.visualize import (
+from ciss_daemon.outputs.predict import (
     colour_mask,
     expand_inputs,
     overlay,

@@ -239,13 +239,14 @@ def test_the_step_table_shows_the_latest_steps_and_any_older_held_one() -> None:
 
 
 def test_the_charts_follow_a_new_step_although_their_data_is_cached(seeded: Workspace) -> None:
-    from ciss_daemon import catalog
+    from ciss_daemon.catalog import connection
+    from ciss_daemon.catalog import records as catalog
 
     c = client(seeded)
     assert c.get("/api/status").json()["charts"]["steps"] == ["step 0", "step 1"]
     assert c.get("/api/status").json()["charts"]["steps"] == ["step 0", "step 1"]  # from the cache
-    factory = catalog.session_factory(catalog.make_engine(f"sqlite:///{seeded.catalog_path}"))
-    with catalog.transaction(factory) as s:
+    factory = connection.session_factory(connection.make_engine(f"sqlite:///{seeded.catalog_path}"))
+    with connection.transaction(factory) as s:
         batch = catalog.record_batch(
             session=s,
             name="b002",

@@ -10,7 +10,7 @@ from browser import charts_drawn, chromium, ciss_web, free_port, get_json, needs
 from daemon_helpers import DaemonProcess, new_workspace, settings_text, step_states, wait_for
 from web_helpers import EVIL_BATCH, EVIL_CLASS, EVIL_REJECTED, TOKEN, Hook, seed, workspace
 
-from ciss_daemon.inbox import submit_folder
+from ciss_daemon.batch.inbox import submit_folder
 from ciss_daemon.web import samples
 from ciss_daemon.workspace import Workspace
 

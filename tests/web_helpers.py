@@ -14,9 +14,10 @@ from pathlib import Path
 from daemon_helpers import new_workspace, settings_text
 from sqlalchemy import select
 
-from ciss_daemon import catalog
-from ciss_daemon.db import Step
-from ciss_daemon.promotion import swap_current
+from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.tables import Step
+from ciss_daemon.service.promotion import swap_current
 from ciss_daemon.workspace import Workspace
 
 TOKEN = "test-token-0123456789abcdef"
@@ -44,9 +45,9 @@ def seed(ws: Workspace, *, running: bool = False) -> None:
     """Step 0 promoted (v0001), step 1 held (v0002, HTML in its names), a rejection with HTML in it; with
     ``running``, step 1 is discarded and step 2 trains, its progress in the job folder's progress.json."""
     url = f"sqlite:///{ws.catalog_path}"
-    factory = catalog.session_factory(catalog.make_engine(url))
+    factory = connection.session_factory(connection.make_engine(url))
     history = [{"mbce": 0.9, "ac": 0.3, "total": 1.2}, {"mbce": 0.5, "ac": 0.2, "total": 0.7}]
-    with catalog.transaction(factory) as s:
+    with connection.transaction(factory) as s:
         for index, (name, classes) in enumerate([("b000", {1: "cat"}), (EVIL_BATCH, {1: EVIL_CLASS})]):
             at = T0 + dt.timedelta(hours=index)
             batch = catalog.record_batch(

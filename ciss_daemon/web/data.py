@@ -15,11 +15,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import catalog, status
-from ciss_daemon.db import Batch, Class, Event, Job, ModelVersion, Rejection, Step
-from ciss_daemon.jobs import read_json
+from ciss_daemon import status
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.tables import Batch, Class, Event, Job, ModelVersion, Rejection, Step
+from ciss_daemon.service.jobs import read_json
+from ciss_daemon.service.worker import PROGRESS
 from ciss_daemon.settings import Settings
-from ciss_daemon.worker import PROGRESS
 from ciss_daemon.workspace import Workspace
 
 CHART_STEPS = 30
@@ -92,11 +93,11 @@ def _running_fields(
 
 def live(ws: Workspace, factory: sessionmaker[Session]) -> dict[str, Any]:
     """What the page polls every second: the running job, the daemon, and the catalog's revision."""
-    from ciss_daemon import service
+    from ciss_daemon.service import systemd
 
     with factory() as s:
         return {
-            "daemon": service.daemon_alive(ws.lock_path),
+            "daemon": systemd.daemon_alive(ws.lock_path),
             "running": running(ws, s),
             "revision": revision(s),
         }
@@ -114,7 +115,7 @@ def _hiou(old: float | None, new: float | None) -> float | None:
 
 
 def paper_grouping(iou: dict[str, float | None], base_ids: set[int]) -> dict[str, float | None]:
-    """mIoU in method.md's grouping: old = background and the base classes, new = every later class."""
+    """mIoU in docs/method.md's grouping: old = background and the base classes, new = every later class."""
     old = [v for k, v in iou.items() if int(k) == 0 or int(k) in base_ids]
     new = [v for k, v in iou.items() if int(k) != 0 and int(k) not in base_ids]
     miou_old, miou_new = _nanmean(old), _nanmean(new)
@@ -224,7 +225,7 @@ def _round(value: float | None) -> float | None:
 
 
 def _loss_order(terms: dict[str, Any]) -> list[str]:
-    """Loss terms in the order of method.md's weighted sum, then any others by name."""
+    """Loss terms in the order of docs/method.md's weighted sum, then any others by name."""
     return [k for k in LOSS_ORDER if k in terms] + sorted(set(terms) - set(LOSS_ORDER))
 
 

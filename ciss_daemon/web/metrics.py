@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import status
-from ciss_daemon.db import STEP_STATES, Rejection, Step
+from ciss_daemon.catalog.tables import STEP_STATES, Rejection, Step
 from ciss_daemon.web.data import running
 from ciss_daemon.workspace import Workspace
 

@@ -33,7 +33,8 @@ _RULES: list[dict[str, Any]] = []
 def _process_kind() -> str:
     # Decided at call time: sys.argv is not set yet while site imports this module.
     argv = " ".join(sys.argv)
-    return "worker" if "ciss_daemon.worker" in argv or "ciss_daemon/worker" in argv else "daemon"
+    worker = "ciss_daemon.service.worker" in argv or "ciss_daemon/service/worker" in argv
+    return "worker" if worker else "daemon"
 
 
 def _describe(op: str, args: tuple[Any, ...]) -> str:

@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.visualize import OUT_OF_PALETTE, class_palette, colour_mask, predict_image
+from ciss_daemon.outputs.predict import OUT_OF_PALETTE, class_palette, colour_mask, predict_image
 from engine.data import label_lut, read_image, read_mask, remap
 from engine.runner import load_model, resolve_device
 
@@ -177,7 +177,7 @@ def loss_figure(steps: Sequence[StepReport]) -> Figure | None:
     figure = _new_figure(4.2 * columns, 3.0 * rows)
     panels = figure.subplots(rows, columns, squeeze=False).ravel()
     keys = {key for step in trained for epoch in step.history for key in epoch}
-    # One colour per loss term across all panels, in the order of method.md's weighted sum.
+    # One colour per loss term across all panels, in the order of docs/method.md's weighted sum.
     ordered = [k for k in LOSS_ORDER if k in keys] + sorted(keys - set(LOSS_ORDER))
     for axes, step in zip(panels, trained, strict=False):
         epochs = np.arange(1, len(step.history) + 1)

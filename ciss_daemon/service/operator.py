@@ -24,11 +24,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ciss_daemon import catalog, service
-from ciss_daemon.db import ModelVersion, Step
+from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.tables import ModelVersion, Step
 from ciss_daemon.exceptions import CissError, OperatorError
-from ciss_daemon.promotion import swap_current
-from ciss_daemon.retention import prune
+from ciss_daemon.service import systemd
+from ciss_daemon.service.promotion import swap_current
+from ciss_daemon.service.retention import prune
 from ciss_daemon.workspace import Workspace
 
 ACTIONS = ("promote", "discard", "rollback", "prune")
@@ -161,7 +163,7 @@ def run_action(
     clock: Callable[[], float] = time.time,
 ) -> str:
     """CLI side: through the running daemon, or directly under the daemon's lock when none runs."""
-    if service.daemon_alive(ws.lock_path):
+    if systemd.daemon_alive(ws.lock_path):
         ws.requests.mkdir(exist_ok=True)
         request = ws.requests / f"{uuid.uuid4().hex}.json"
         _write_json(request, {"action": action, "target": target})
@@ -179,12 +181,12 @@ def run_action(
         if not answer["ok"]:
             raise OperatorError(answer["message"])
         return str(answer["message"])
-    lock = service.InstanceLock(ws.lock_path)
+    lock = systemd.InstanceLock(ws.lock_path)
     lock.acquire()
     try:
-        catalog.check_catalog(url)
-        factory = catalog.session_factory(catalog.make_engine(url))
-        with catalog.transaction(factory) as s:
+        connection.check_catalog(url)
+        factory = connection.session_factory(connection.make_engine(url))
+        with connection.transaction(factory) as s:
             return do_action(ws, s, action, target, now=clock())
     finally:
         lock.release()

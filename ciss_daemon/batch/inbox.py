@@ -19,9 +19,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from ciss_daemon.batch.validation import MANIFEST, Problem, printable
 from ciss_daemon.exceptions import SubmitError, WorkspaceError
-from ciss_daemon.promotion import fsync_dir
-from ciss_daemon.validation import MANIFEST, Problem, printable
+from ciss_daemon.service.promotion import fsync_dir
 from ciss_daemon.workspace import cannot_write
 
 STAGING = ".staging"

@@ -1,10 +1,10 @@
-"""Supervision of the training child process (see ``ciss_daemon.worker`` for its side of the protocol).
+"""Supervision of the training child process (``service/worker.py`` is its side of the protocol).
 
 The child is a separate Python process started with ``subprocess`` (never ``fork``: the daemon has
 threads), so a crash or a CUDA out-of-memory in training never takes the daemon down. It dies with the
 daemon (parent-death signal), and it is stopped with SIGTERM, on which it writes a checkpoint and exits 75.
 
-With several ranks (``ciss_daemon.launch``) the child is ``torch.distributed.run``, in a process group of its
+With several ranks (``service/launch.py``) the child is ``torch.distributed.run``, in a process group of its
 own with its ranks. It forwards SIGTERM to every rank; the ranks agree to stop, rank 0 checkpoints, and
 writes its exit code to ``exit.json``, since the launcher's own exit code does not carry it.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ciss_daemon import worker
-from ciss_daemon.launch import Launch, worker_command
+from ciss_daemon.service import worker
+from ciss_daemon.service.launch import Launch, worker_command
 
 
 @dataclass(frozen=True)
@@ -194,4 +194,4 @@ def _is_worker(pid: int, job_dir: Path) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    return state != "Z" and b"ciss_daemon.worker" in cmdline and os.fsencode(str(job_dir)) in cmdline
+    return state != "Z" and b"ciss_daemon.service.worker" in cmdline and os.fsencode(str(job_dir)) in cmdline

@@ -1,6 +1,6 @@
 """Benchmarks of the daemon's own figures, measured on the machine that runs them.
 
-``python -m ciss_daemon.bench {status,ingest,idle,all} [--out DIR]`` (``make bench-daemon``):
+``python -m benchmarks.daemon {status,ingest,idle,all} [--out DIR]`` (``make bench-daemon``):
 
 - ``status``: wall time of ``ciss status`` (and ``--json``) as a fresh process on a catalog of 1,000 steps,
   beside a bare interpreter start and ``import typer``; the in-process snapshot alone.
@@ -41,8 +41,10 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from ciss_daemon import catalog
-from ciss_daemon.db import Batch, Class, Event, Job, ModelVersion, Rejection, Step
+from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.snapshot import status_snapshot
+from ciss_daemon.catalog.tables import Batch, Class, Event, Job, ModelVersion, Rejection, Step
 from ciss_daemon.workspace import Workspace, init_workspace
 
 SECTIONS = ("status", "ingest", "idle")
@@ -145,7 +147,7 @@ def _filesystem_type(path: Path) -> str:
 def new_workspace(root: Path, settings_text: str | None = None) -> Workspace:
     """A workspace with its catalog at schema head, as ``ciss init`` leaves it."""
     ws = init_workspace(root, settings_text=settings_text)
-    catalog.upgrade_catalog(f"sqlite:///{ws.catalog_path}", backup_dir=ws.backups)
+    connection.upgrade_catalog(f"sqlite:///{ws.catalog_path}", backup_dir=ws.backups)
     return ws
 
 
@@ -361,9 +363,9 @@ def build_catalog(
         next_class = ids.stop
 
     started = time.perf_counter()
-    engine = catalog.make_engine(url or f"sqlite:///{ws.catalog_path}")
+    engine = connection.make_engine(url or f"sqlite:///{ws.catalog_path}")
     try:
-        with catalog.transaction(catalog.session_factory(engine)) as session:
+        with connection.transaction(connection.session_factory(engine)) as session:
             # Parents first: foreign keys are on, as in every catalog connection.
             for model, rows in (
                 (Batch, batches),
@@ -439,23 +441,23 @@ def bench_status(workdir: Path, *, steps: int, runs: int) -> dict[str, Any]:
 
 
 def _in_process_snapshot(ws: Workspace, runs: int) -> dict[str, Any]:
-    """catalog.status_snapshot alone, and with the rich rendering, in this process (engine already open)."""
+    """snapshot.status_snapshot alone, and with the rich rendering, in this process (engine already open)."""
     import io
 
     from rich.console import Console
 
     from ciss_daemon import status as status_view
 
-    engine = catalog.make_engine(f"sqlite:///{ws.catalog_path}")
-    factory = catalog.session_factory(engine)
+    engine = connection.make_engine(f"sqlite:///{ws.catalog_path}")
+    factory = connection.session_factory(engine)
     try:
         with factory() as session:
-            catalog.status_snapshot(session=session)  # connection set-up and statement compilation
+            status_snapshot(session=session)  # connection set-up and statement compilation
         snapshot_times, render_times = [], []
         for _ in range(runs):
             start = time.perf_counter()
             with factory() as session:
-                catalog.status_snapshot(session=session)
+                status_snapshot(session=session)
             snapshot_times.append(time.perf_counter() - start)
         for _ in range(runs):
             start = time.perf_counter()
@@ -468,7 +470,7 @@ def _in_process_snapshot(ws: Workspace, runs: int) -> dict[str, Any]:
 
 
 def _status_imports_torch(workspace: str) -> bool:
-    """Whether running ``ciss status`` loads torch (product.md: it must not)."""
+    """Whether running ``ciss status`` loads torch (docs/product.md: it must not)."""
     code = (
         "import sys, io, contextlib\n"
         "from ciss_daemon.cli import app\n"
@@ -563,7 +565,7 @@ def check_window_closed(ws: Workspace, expression: str) -> dict[str, Any]:
     """
     from apscheduler.triggers.cron import CronTrigger
 
-    from ciss_daemon.daemon import Daemon
+    from ciss_daemon.service.daemon import Daemon
     from ciss_daemon.settings import load_settings
 
     daemon = Daemon(ws, load_settings(ws.settings_path), watch=False)
@@ -898,7 +900,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             "| what | median | min | max | runs |",
             "|---|---|---|---|---|",
-            _row("`catalog.status_snapshot`", ip["status_snapshot"]),
+            _row("`snapshot.status_snapshot`", ip["status_snapshot"]),
             _row("snapshot + rich render", ip["snapshot_and_render"]),
             "",
             f"torch imported by `ciss status`: {'yes' if st['torch_imported_by_status'] else 'no'}. "
@@ -1009,7 +1011,7 @@ def print_table(results: dict[str, Any], sections: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ciss_daemon.bench", description=__doc__.split("\n\n")[0] if __doc__ else None
+        prog="python -m benchmarks.daemon", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     parser.add_argument("section", choices=(*SECTIONS, "all"), help="Which figures to measure.")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Folder for results.json/.md.")
@@ -1030,7 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Sections run one by one merge into what an earlier run left, so `status` then `idle` adds up.
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
     results |= {
-        "command": " ".join(["python -m ciss_daemon.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.daemon", *(argv if argv is not None else sys.argv[1:])]),
         "taken_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_info(workdir),
     }

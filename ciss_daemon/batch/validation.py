@@ -8,47 +8,35 @@ report, never an exception. It imports numpy and Pillow only: the daemon calls i
 import hashlib
 import io
 import os
-import re
 import stat
 import tomllib
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MANIFEST = "batch.toml"
-BATCH_KINDS = ("train", "eval")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-MASK_SUFFIX = ".png"
-BACKGROUND = 0
-IGNORE = 255
+from engine.batch_format import (
+    BACKGROUND,
+    IGNORE,
+    IMAGE_SUFFIXES,
+    MANIFEST,
+    MANIFEST_EXAMPLE,
+    MASK_SUFFIX,
+    ParsedManifest,
+    Problem,
+    join_values,
+    parse_manifest,
+)
 
 # 8-bit modes that convert to RGB faithfully; 16-bit and float images would be clipped by the loader.
 _IMAGE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
 _MASK_MODES = ("L", "P")
 _MAX_MANIFEST_BYTES = 1024 * 1024
 _MAX_LISTED_VALUES = 20
-_CLASS_KEY = re.compile(r"-?[0-9]+")
-
-_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
-_MANIFEST_EXAMPLE = 'e.g. kind = "train" and a [classes] table such as 1 = "bicycle"'
 _REEXPORT = "export it again from the original (a PNG or JPEG that opens in an image viewer)"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a batch, and what the user should do about it."""
-
-    file: str  # path relative to the batch folder, "batch.toml", or "." for the folder itself
-    what: str
-    todo: str
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.what} — {self.todo}"
 
 
 def group_problems(problems: list[Problem], *, shown: int = 3) -> list[Problem]:
@@ -118,13 +106,6 @@ class _Listing:
     problems: list[Problem] = field(default_factory=list)
     entries: int = 0
     truncated: bool = False  # stopped early: more entries than max_files
-
-
-@dataclass(frozen=True)
-class _Manifest:
-    kind: str
-    classes: dict[int, str] | None  # None when [classes] is missing or unusable: value checks are skipped
-    problems: list[Problem]
 
 
 class _Refused(Exception):
@@ -343,172 +324,46 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-def _check_manifest(folder: Path, listing: _Listing, digests: dict[str, tuple[int, str]]) -> _Manifest:
+def _check_manifest(folder: Path, listing: _Listing, digests: dict[str, tuple[int, str]]) -> ParsedManifest:
     size = listing.files.get(MANIFEST)
     if size is None:
         if MANIFEST in listing.dirs:
             what = "is a folder"
         elif any(problem.file == MANIFEST for problem in listing.problems):
-            return _Manifest("train", None, [])  # already reported as a link or special file
+            return ParsedManifest("train", None, [])  # already reported as a link or special file
         else:
             what = "is missing"
-        todo = f"write batch.toml last, after images/ and masks/ ({_MANIFEST_EXAMPLE})"
-        return _Manifest("train", None, [Problem(MANIFEST, what, todo)])
+        todo = f"write batch.toml last, after images/ and masks/ ({MANIFEST_EXAMPLE})"
+        return ParsedManifest("train", None, [Problem(MANIFEST, what, todo)])
     if size > _MAX_MANIFEST_BYTES:
-        return _Manifest(
+        return ParsedManifest(
             "train",
             None,
-            [Problem(MANIFEST, "is larger than 1 MiB", f"keep only the manifest ({_MANIFEST_EXAMPLE})")],
+            [Problem(MANIFEST, "is larger than 1 MiB", f"keep only the manifest ({MANIFEST_EXAMPLE})")],
         )
     try:
         data = _read(folder, MANIFEST, digests)
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        return _Manifest("train", None, [Problem(MANIFEST, "is not UTF-8 text", "save it as UTF-8")])
+        return ParsedManifest("train", None, [Problem(MANIFEST, "is not UTF-8 text", "save it as UTF-8")])
     except OSError as exc:
-        return _Manifest("train", None, [Problem(MANIFEST, f"cannot be read ({exc})", "make it readable")])
+        return ParsedManifest(
+            "train", None, [Problem(MANIFEST, f"cannot be read ({exc})", "make it readable")]
+        )
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # The message ends with "(at line L, column C)"; a key given twice is reported here by TOML itself.
-        return _Manifest(
+        return ParsedManifest(
             "train",
             None,
-            [Problem(MANIFEST, f"is not valid TOML: {exc}", f"fix the syntax ({_MANIFEST_EXAMPLE})")],
+            [Problem(MANIFEST, f"is not valid TOML: {exc}", f"fix the syntax ({MANIFEST_EXAMPLE})")],
         )
     except Exception as exc:  # e.g. RecursionError on absurd nesting; still only a problem
-        return _Manifest(
+        return ParsedManifest(
             "train", None, [Problem(MANIFEST, f"cannot be parsed ({type(exc).__name__})", "simplify it")]
         )
-    return _parse_manifest(document)
-
-
-def _parse_manifest(document: dict) -> _Manifest:
-    problems: list[Problem] = []
-    unknown = sorted(set(document) - {"kind", "classes", "colors"})
-    if unknown:
-        problems.append(
-            Problem(
-                MANIFEST,
-                f"has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(_quote, unknown))}",
-                "remove it; batch.toml holds only kind, [classes] and [colors]",
-            )
-        )
-    kind = document.get("kind", "train")
-    if kind not in BATCH_KINDS:
-        problems.append(
-            Problem(
-                MANIFEST,
-                f"kind = {_toml_value(kind)} is not a batch kind",
-                'write kind = "train" or kind = "eval", or leave kind out for a training batch',
-            )
-        )
-        kind = "train"
-    if "classes" not in document:
-        problems.append(
-            Problem(MANIFEST, "has no [classes] table", f"declare the classes ({_MANIFEST_EXAMPLE})")
-        )
-        return _Manifest(kind, None, problems)
-    table = document["classes"]
-    if not isinstance(table, dict):
-        problems.append(
-            Problem(MANIFEST, "classes is not a table", 'write it as [classes] then 1 = "bicycle"')
-        )
-        return _Manifest(kind, None, problems)
-    if not table:
-        problems.append(
-            Problem(MANIFEST, "[classes] declares no classes", 'add one line per class: 1 = "bicycle"')
-        )
-        return _Manifest(kind, None, problems)
-    classes: dict[int, str] = {}
-    for key, name in table.items():
-        value = _class_value(key)
-        problem = value if isinstance(value, Problem) else _class_name_problem(value, name)
-        if problem is None:
-            classes[value] = name
-        else:
-            problems.append(problem)
-    values_by_name: dict[str, list[int]] = {}
-    for value, name in classes.items():
-        values_by_name.setdefault(name, []).append(value)
-    for name, values in values_by_name.items():
-        if len(values) > 1:
-            what = f'class name "{name}" is given to values {_join_values(values)}'
-            todo = "a class appears once per batch: give each value its own name, or relabel to one value"
-            problems.append(Problem(MANIFEST, what, todo))
-    problems += _colour_problems(document.get("colors", {}), classes)
-    return _Manifest(kind, classes, problems)
-
-
-def _colour_problems(table: Any, classes: dict[int, str]) -> list[Problem]:
-    """What is wrong with the optional [colors] table: mask value -> "#rrggbb" of a declared class."""
-    todo = 'write [colors] then one line per class, e.g. 1 = "#ff8800"'
-    if not isinstance(table, dict):
-        return [Problem(MANIFEST, "colors is not a table", todo)]
-    problems = []
-    for key, colour in table.items():
-        if not _CLASS_KEY.fullmatch(key) or int(key) not in classes:
-            problems.append(
-                Problem(MANIFEST, f"[colors] key {_quote(key)} is not a value declared in [classes]", todo)
-            )
-        elif not isinstance(colour, str) or not _COLOUR.fullmatch(colour):
-            problems.append(
-                Problem(MANIFEST, f"[colors] {key} = {_toml_value(colour)} is not a colour", todo)
-            )
-    return problems
-
-
-def manifest_colours(folder: Path) -> dict[str, tuple[int, int, int]]:
-    """Class name -> RGB from the [colors] table of a stored (validated) batch; {} without one."""
-    try:
-        document = tomllib.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return {}
-    classes, colours = document.get("classes", {}), document.get("colors", {})
-    if not isinstance(classes, dict) or not isinstance(colours, dict):
-        return {}
-    return {
-        classes[key]: (int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16))
-        for key, value in colours.items()
-        if key in classes and isinstance(value, str) and _COLOUR.fullmatch(value)
-    }
-
-
-def _class_value(key: str) -> int | Problem:
-    """The mask value a [classes] key declares, or why it declares none."""
-    if not _CLASS_KEY.fullmatch(key):
-        todo = 'use the integer mask values 1 to 254 as keys, e.g. 1 = "bicycle"'
-        return Problem(MANIFEST, f"[classes] key {_quote(key)} is not a mask value", todo)
-    value = int(key)
-    if key != str(value):
-        return Problem(MANIFEST, f"[classes] key {_quote(key)} has leading zeros", f"write it as {value}")
-    if value == BACKGROUND:
-        return Problem(
-            MANIFEST, "[classes] declares value 0, which is background", "remove it; 0 is always background"
-        )
-    if value == IGNORE:
-        return Problem(
-            MANIFEST, "[classes] declares value 255, which means ignore", "remove it; 255 always means ignore"
-        )
-    if not BACKGROUND < value < IGNORE:
-        return Problem(
-            MANIFEST, f"[classes] declares value {value}, outside the 8-bit mask range", "use values 1 to 254"
-        )
-    return value
-
-
-def _class_name_problem(value: int, name: object) -> Problem | None:
-    if not isinstance(name, str):
-        what = f"the class name for value {value} is not a string (it is {_toml_value(name)})"
-        return Problem(MANIFEST, what, f'write the name in quotes, e.g. {value} = "bicycle"')
-    if not name.strip():
-        return Problem(
-            MANIFEST, f"value {value} has an empty class name", f'give it a name, e.g. {value} = "bicycle"'
-        )
-    if name != name.strip() or not name.isprintable():
-        what = f"the class name {name!r} for value {value} has spaces at its ends or control characters"
-        return Problem(MANIFEST, what, "write the name without them")
-    return None
+    return parse_manifest(document)
 
 
 @dataclass
@@ -527,7 +382,7 @@ def _check_split(
     folder: Path,
     prefix: str,
     listing: _Listing,
-    manifest: _Manifest,
+    manifest: ParsedManifest,
     limits: _Limits,
     digests: dict[str, tuple[int, str]],
     read_contents: bool,
@@ -774,26 +629,7 @@ def _is_known(sha256: str, known_hashes: Callable[[str], bool] | Collection[str]
 def _values_phrase(values: list[int]) -> str:
     if len(values) == 1:
         return f"value {values[0]}"
-    return f"values {_join_values(values)}"
-
-
-def _join_values(values: list[int]) -> str:
-    shown = ", ".join(map(str, values[:_MAX_LISTED_VALUES]))
-    if len(values) > _MAX_LISTED_VALUES:
-        shown += f" and {len(values) - _MAX_LISTED_VALUES} more"
-    return shown
-
-
-def _quote(text: str) -> str:
-    return repr(text) if not text.isprintable() else f'"{text}"'
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, str):
-        return _quote(value)
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
+    return f"values {join_values(values)}"
 
 
 def _human_bytes(size: int) -> str:

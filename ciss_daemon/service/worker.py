@@ -1,4 +1,4 @@
-"""The training child process: ``python -m ciss_daemon.worker JOB_DIR``.
+"""The training child process: ``python -m ciss_daemon.service.worker JOB_DIR``.
 
 The daemon writes ``request.json`` into the job folder and starts this process; the worker trains the step
 with the engine, evaluates the candidate and the current model, and saves the candidate. It never touches
@@ -11,7 +11,7 @@ the catalog (the daemon is its only writer); it talks back through files in the 
 Exit codes: 0 done; 75 stopped on SIGTERM after writing a checkpoint (resume later); 1 failed (error.txt).
 A crash (killed, segfault) leaves neither result nor error; the daemon retries from the checkpoint.
 
-Under ``torch.distributed.run`` (``ciss_daemon.launch``) every rank runs this module: ``train.batch_size`` is
+Under ``torch.distributed.run`` (``service/launch.py``) every rank runs this module: ``train.batch_size`` is
 the total batch, split evenly over the ranks; the ranks agree at every iteration whether to stop, so that
 all of them stop at the same one and rank 0 writes a single checkpoint; rank 0 alone writes progress,
 result, error and the model, and records its exit code in ``exit.json`` (76: another rank died or did not
@@ -152,7 +152,8 @@ def run(job_dir: Path) -> int:
     """Train, evaluate and save one step; returns the exit code."""
     stop = {"requested": False}
 
-    def on_term(signum: int, frame: Any) -> None:  # a handler only sets a flag (STYLE item 7)
+    # A handler only sets a flag (docs/architecture.md, "The daemon loop").
+    def on_term(signum: int, frame: Any) -> None:
         stop["requested"] = True
 
     signal.signal(signal.SIGTERM, on_term)
@@ -345,7 +346,7 @@ def _describe(error: Exception, *, torch_module: Any, engine_error: type[Excepti
 
 def main() -> None:
     if len(sys.argv) != 2:
-        print("usage: python -m ciss_daemon.worker JOB_DIR", file=sys.stderr)
+        print("usage: python -m ciss_daemon.service.worker JOB_DIR", file=sys.stderr)
         sys.exit(2)
     sys.exit(run(Path(sys.argv[1])))
 

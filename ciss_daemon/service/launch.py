@@ -1,9 +1,9 @@
 """How many training processes a step gets, on which devices, and the command that starts them.
 
-One process (``python -m ciss_daemon.worker JOB_DIR``) trains on one device. With several GPUs
+One process (``python -m ciss_daemon.service.worker JOB_DIR``) trains on one device. With several GPUs
 (``daemon.gpus``) or several CPU ranks (``daemon.cpu_ranks``), the daemon starts the same worker under
 ``python -m torch.distributed.run``: one process per GPU, NCCL between GPUs and gloo between CPU
-processes, ``train.batch_size`` split evenly over them (see ``ciss_daemon.worker``). Nothing here imports
+processes, ``train.batch_size`` split evenly over them (see ``service/worker.py``). Nothing here imports
 torch: the GPUs are counted from ``CUDA_VISIBLE_DEVICES`` or the NVIDIA driver's ``/proc`` entries.
 """
 
@@ -93,7 +93,7 @@ def plan_launch(daemon: DaemonSettings, gpus: list[str] | None = None) -> Launch
 def worker_command(job_dir: Path, launch: Launch) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment that start the worker(s) of ``job_dir``."""
     if launch.ranks == 1:
-        return [sys.executable, "-m", "ciss_daemon.worker", str(job_dir)], {}
+        return [sys.executable, "-m", "ciss_daemon.service.worker", str(job_dir)], {}
     command = [
         sys.executable,
         "-m",
@@ -104,7 +104,7 @@ def worker_command(job_dir: Path, launch: Launch) -> tuple[list[str], dict[str, 
         # A rank that fails ends the attempt; the daemon retries from the checkpoint, not torchrun.
         "--max-restarts=0",
         "-m",
-        "ciss_daemon.worker",
+        "ciss_daemon.service.worker",
         str(job_dir),
     ]
     env = {"CISS_RANK_TIMEOUT": str(launch.timeout_seconds)}

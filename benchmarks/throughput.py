@@ -1,22 +1,22 @@
 """Training throughput, upsampling and input-pipeline benchmarks (issue: GPU speed and scale).
 
-``python -m engine.bench throughput [--device cuda] [--backbone resnet101] [--size 512] [--batch 16]
+``python -m benchmarks.throughput throughput [--device cuda] [--backbone resnet101] [--size 512] [--batch 16]
 [--steps 20] [--warmup 5] [--real-data DIR --workers 8] [--peak-tflops 989] [--out results.json]``
 trains step 0 and an incremental step (the VOC 15-5 layout: 15 base classes, 5 new) with the fast paths
 off and on, and reports images/s, the micro-batch (below ``--batch`` when the OOM fallback split it),
 peak memory (``torch.cuda.max_memory_allocated`` on CUDA, the peak RSS of the process on the CPU) and
 the share of peak FLOP/s. Without ``--real-data`` each step trains on one random batch that stays on the
-device, so only compute is measured, as in the project's H100 profile (gpu-profile.md, shared notes);
+device, so only compute is measured, as in the project's H100 profile (docs/benchmarks.md, "GPU throughput");
 with it, ``train_step`` runs end to end on the batch folder DIR, DataLoader workers included. Each case
 runs in a fresh process, so peak memory and compilation caches are its own.
 
-``python -m engine.bench parts [--device cuda] [--batch 16] [--size 512]`` times forward + backward of
-the logits' upsampling alone, ``F.interpolate`` against the separable matrix products, in float32 and
-bfloat16.
+``python -m benchmarks.throughput parts [--device cuda] [--batch 16] [--size 512]`` times forward +
+backward of the logits' upsampling alone, ``F.interpolate`` against the separable matrix products, in
+float32 and bfloat16.
 
-``python -m engine.bench input [--size 512] [--batch 16] [--images 64] [--workers 0 2 4]`` times the input
-pipeline alone (decode, rescale, crop, flip, normalise, label lookup) over generated VOC-sized JPEG images
-and PNG masks, per stage on one thread and through the DataLoader with N workers.
+``python -m benchmarks.throughput input [--size 512] [--batch 16] [--images 64] [--workers 0 2 4]`` times
+the input pipeline alone (decode, rescale, crop, flip, normalise, label lookup) over generated VOC-sized
+JPEG images and PNG masks, per stage on one thread and through the DataLoader with N workers.
 
 FLOP accounting: the forward FLOPs of the student per image are counted by ``torch.utils.flop_counter`` on
 the meta device for the exact backbone, crop size and classes (ResNet-101 at 512x512: 135.6 GFLOP, as in
@@ -515,7 +515,9 @@ def loss_parts(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="mode", required=True)
     tp = sub.add_parser("throughput", help="training images/s, peak memory and FLOP share, fast paths off/on")
     tp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

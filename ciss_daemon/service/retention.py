@@ -15,8 +15,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ciss_daemon import catalog
-from ciss_daemon.db import Job, ModelVersion, Step
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.tables import Job, ModelVersion, Step
 from ciss_daemon.exceptions import OperatorError
 
 CHECKPOINT = "checkpoint.pt"

@@ -1,10 +1,10 @@
 """`ciss export`: a model file that another program runs without this package (TorchScript or ONNX).
 
-The exported graph takes normalised images and returns the final label map and the class probabilities:
-the upsampling to input size, the sigmoid and the prediction rule of method.md are inside it, so a consumer
-needs only ``torch.jit.load`` or an ONNX runtime. Class names, their colours, the normalisation constants
-and a description of inputs and outputs travel inside the file as one JSON document named ``ciss.json``
-(a TorchScript extra file, or an ONNX ``metadata_props`` entry).
+The exported graph takes normalised images and returns the final label map and the class probabilities: the
+upsampling to input size, the sigmoid and the prediction rule of docs/method.md are inside it, so a consumer
+needs only ``torch.jit.load`` or an ONNX runtime. Class names, their colours, the normalisation constants and
+a description of inputs and outputs travel inside the file as one JSON document named ``ciss.json`` (a
+TorchScript extra file, or an ONNX ``metadata_props`` entry).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.visualize import class_palette
+from ciss_daemon.outputs.predict import class_palette
 from engine.data import IMAGENET_MEAN, IMAGENET_STD
 from engine.evaluate import predict_labels
 from engine.model import DKDSegmenter, upsample

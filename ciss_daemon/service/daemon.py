@@ -23,10 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import catalog, launch, service
-from ciss_daemon.db import Job, ModelVersion
-from ciss_daemon.exceptions import CissError
-from ciss_daemon.inbox import (
+from ciss_daemon.batch.inbox import (
     SUBMITTED_MARKER,
     CompletenessTracker,
     InboxWatcher,
@@ -35,16 +32,21 @@ from ciss_daemon.inbox import (
     reject_folder,
     store_folder,
 )
-from ciss_daemon.jobs import Outcome, TrainingProcess, stop_orphan, temp_files
-from ciss_daemon.notify import Notifier, last_event_id, new_events
-from ciss_daemon.operator import apply_requests, promote
-from ciss_daemon.planning import build_request, next_opening, training_window
+from ciss_daemon.batch.validation import Problem, ValidatedBatch, printable, validate_batch
+from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.tables import Job, ModelVersion
+from ciss_daemon.exceptions import CissError
 from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
-from ciss_daemon.promotion import current_target, fsync_dir, gate, swap_current
-from ciss_daemon.retention import CHECKPOINT, prune_checkpoints
+from ciss_daemon.service import launch, systemd
+from ciss_daemon.service.jobs import Outcome, TrainingProcess, stop_orphan, temp_files
+from ciss_daemon.service.notify import Notifier, last_event_id, new_events
+from ciss_daemon.service.operator import apply_requests, promote
+from ciss_daemon.service.planning import build_request, next_opening, training_window
+from ciss_daemon.service.promotion import current_target, fsync_dir, gate, swap_current
+from ciss_daemon.service.retention import CHECKPOINT, prune_checkpoints
+from ciss_daemon.service.worker import CANDIDATE
 from ciss_daemon.settings import Settings
-from ciss_daemon.validation import Problem, ValidatedBatch, printable, validate_batch
-from ciss_daemon.worker import CANDIDATE
 from ciss_daemon.workspace import Workspace
 
 log = logging.getLogger("ciss.daemon")
@@ -86,9 +88,9 @@ class Daemon:
         # After recording a finished job failed (e.g. a full disk): when to try again, and the last error.
         self.outcome_retry_at = 0.0
         self.outcome_error: str | None = None
-        self.lock = service.InstanceLock(workspace.lock_path)
+        self.lock = systemd.InstanceLock(workspace.lock_path)
         # One daemon per catalog too: two hosts may point at one PostgreSQL catalog.
-        self.lease = catalog.DaemonLease(workspace.catalog_url(settings))
+        self.lease = connection.DaemonLease(workspace.catalog_url(settings))
         self.watcher: InboxWatcher | None = None
         self.scheduler: Any = None
         self.factory: sessionmaker[Session] | None = None
@@ -114,11 +116,11 @@ class Daemon:
     def _start_locked(self) -> None:
         self.launch = launch.plan_launch(self.settings.daemon)
         url = self.ws.catalog_url(self.settings)
-        backup = catalog.upgrade_catalog(url, backup_dir=self.ws.backups)
+        backup = connection.upgrade_catalog(url, backup_dir=self.ws.backups)
         if backup is not None:
             log.info("catalog upgraded; the previous one is saved at %s", backup)
         log.info("each step trains with %s", self.launch.describe())
-        self.factory = catalog.session_factory(catalog.make_engine(url))
+        self.factory = connection.session_factory(connection.make_engine(url))
         self.window = training_window(self.settings.daemon.training_window)
         self.recover()
         self._start_extras()
@@ -183,9 +185,9 @@ class Daemon:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.start()
-        service.notify(READY=1, STATUS="watching the inbox")
+        systemd.notify(READY=1, STATUS="watching the inbox")
         log.info("ciss daemon started on %s (pid %d)", self.ws.root, os.getpid())
-        watchdog = service.watchdog_interval()
+        watchdog = systemd.watchdog_interval()
         try:
             while not self.stopping.is_set():
                 try:
@@ -193,7 +195,7 @@ class Daemon:
                 except Exception:  # one bad iteration must never end the service
                     log.exception("daemon iteration failed; carrying on")
                 if watchdog:
-                    service.notify(WATCHDOG=1)
+                    systemd.notify(WATCHDOG=1)
                 timeout = self.settings.daemon.dispatch_seconds
                 if self.process is not None:
                     timeout = min(timeout, 1.0)
@@ -202,7 +204,7 @@ class Daemon:
                 self.wakeup.wait(timeout)
                 self.wakeup.clear()
         finally:
-            service.notify(STOPPING=1, STATUS="stopping: checkpointing the running job")
+            systemd.notify(STOPPING=1, STATUS="stopping: checkpointing the running job")
             self.shutdown()
         return 0
 
@@ -262,7 +264,7 @@ class Daemon:
     def session(self) -> Any:
         """A write transaction on the catalog (commits on success)."""
         assert self.factory is not None, "start() first"
-        return catalog.transaction(self.factory)
+        return connection.transaction(self.factory)
 
     # --- inbox --------------------------------------------------------------------------------------
 
@@ -485,7 +487,7 @@ class Daemon:
                 now=utc(now),
             )
         self.process, self.process_job_id = process, job.id
-        service.notify(STATUS=f"training step {step.index}")
+        systemd.notify(STATUS=f"training step {step.index}")
         log.info("step %d: training %s (job %d, pid %d)", step.index, verb, job.id, process.pid)
 
     def window_open(self, now: float) -> bool:
@@ -510,7 +512,7 @@ class Daemon:
             return
         self.process, self.outcome_error, self.outcome_retry_at = None, None, 0.0
         self.retention_due = True  # a finished job's checkpoint may go now, not within the hour
-        service.notify(STATUS="watching the inbox")
+        systemd.notify(STATUS="watching the inbox")
 
     def outcome_failed(self, error: Exception, now: float) -> None:
         """Recording a finished job failed (a full disk while the candidate moves or the pointer swaps).
@@ -687,7 +689,7 @@ def holds_files(folder: Path, files: dict[str, str]) -> bool:
 
 def run_daemon(workspace: Workspace, settings: Settings) -> int:
     """Entry point of ``ciss daemon``."""
-    service.setup_logging(settings.daemon.log_level, workspace.log_path)
+    systemd.setup_logging(settings.daemon.log_level, workspace.log_path)
     try:
         return Daemon(workspace, settings).run()
     except CissError as error:

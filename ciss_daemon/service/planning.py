@@ -15,17 +15,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import catalog
-from ciss_daemon.db import Batch, Job, Step
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.tables import Batch, Job, Step
 from ciss_daemon.exceptions import CissError
+from ciss_daemon.service.worker import CANDIDATE
 from ciss_daemon.settings import Settings
-from ciss_daemon.worker import CANDIDATE
 
 
 def batch_ref(batch: Batch, ids: dict[str, int]) -> dict[str, Any]:
     """One batch as the engine's ``BatchRef`` (JSON), its mask values mapped by class name to the model's
     ids. Classes the model does not know (not yet taught, or taught after it) are background, as
-    method.md masks unseen classes."""
+    docs/method.md masks unseen classes."""
     value_map = {int(v): ids.get(name, 0) for v, name in batch.class_names.items()}
     return {"name": batch.name, "folder": batch.store_path, "value_map": value_map, "kind": batch.kind}
 
@@ -164,7 +164,7 @@ def evaluate_version(
 
 def class_colours(factory: sessionmaker[Session]) -> dict[str, tuple[int, int, int]]:
     """Class name -> RGB from the [colors] tables of the stored batches (the first batch naming a class)."""
-    from ciss_daemon.validation import manifest_colours
+    from engine.batch_format import manifest_colours
 
     with factory() as s:
         folders = [Path(p) for p in s.scalars(select(Batch.store_path).order_by(Batch.id))]
@@ -191,8 +191,8 @@ def steps_teaching(s: Session, names: list[str]) -> list[Step]:
 
 def report_data(ws: Any, factory: sessionmaker[Session], *, samples: int = 4) -> Any:
     """``ciss report``: metrics and loss curves of every step's model, plus sample predictions."""
-    from ciss_daemon.promotion import resolve_current
-    from ciss_daemon.report import ReportData, StepReport, distinct_pairs, sample_predictions
+    from ciss_daemon.outputs.report import ReportData, StepReport, distinct_pairs, sample_predictions
+    from ciss_daemon.service.promotion import resolve_current
 
     with factory() as s:
         names = {cid: name for cid, name, _ in catalog.class_map(session=s, upto_step=10**9)}

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ciss_daemon.db import Event, Step
+from ciss_daemon.catalog.tables import Event, Step
 from ciss_daemon.settings import NotifySettings
 
 log = logging.getLogger("ciss.notify")
