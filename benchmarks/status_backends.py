@@ -4,7 +4,7 @@
 
 Builds the same catalog twice with the daemon benchmark's ``build_catalog`` (1,000 promoted steps with full
 metrics, events and rejections): once in a workspace's SQLite file, once in a PostgreSQL database of a
-throwaway server on 127.0.0.1 (``tests/postgres.py``: ``CISS_TEST_POSTGRES_URL`` names an existing one
+throwaway server on 127.0.0.1 (``tests/helpers/postgres.py``: ``CISS_TEST_POSTGRES_URL`` names an existing one
 instead). Then times ``ciss status`` and ``ciss status --json`` as fresh processes, alternating the two
 backends run by run so that both see the same machine load, and ``snapshot.status_snapshot`` in-process.
 Writes ``results.json`` into ``--out`` and prints a Markdown table.
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the throwaway PostgreSQL server of the tests
+sys.path.insert(0, str(REPO / "tests" / "helpers"))  # the throwaway PostgreSQL server of the tests
 
 from postgres import postgres_server  # noqa: E402
 

@@ -60,18 +60,16 @@ from engine.data import (
     read_mask,
     remap,
 )
-from engine.fast import FastPaths, MicroBatchFallback, accumulate_gradients, default_fast_paths
-from engine.losses import weighted_total
+from engine.fast import FastPaths, default_fast_paths
 from engine.model import DKDSegmenter
 from engine.synthetic import render_sample
 from engine.train import (
     Progress,
     StepModel,
-    autocast_dtype,
-    build_optimizer,
     freeze_teacher,
-    loss_terms,
+    prepare_step,
     set_step_mode,
+    train_iteration,
     train_step,
 )
 
@@ -166,68 +164,32 @@ def _synchronize(device: torch.device) -> None:
 def _time_on_device_batch(case: ThroughputCase, device: torch.device) -> tuple[list[float], int]:
     """Iteration end times of ``warmup + steps`` training iterations on one random on-device batch.
 
-    The loop is ``train_step``'s inner loop without the data loader: the same StepModel, fast paths,
-    autocast rule, micro-batch fallback, loss terms, SGD groups and poly schedule.
+    Each is ``engine.train.train_iteration``, the iteration ``train_step`` runs, set up by the same
+    ``prepare_step``: only the data loader is left out.
     """
     config = _config(case)
-    fast = case.fast
     model, teacher = _models(case, device)
-    fast.apply_memory_format(model, teacher)
-    student = StepModel(model, num_old=0 if teacher is None else BASE_CLASSES)
-    run_student, run_teacher = fast.compiled(student), fast.compiled(teacher)
-    optimizer = build_optimizer(model, config, case.step_index)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=case.warmup + case.steps)
-    amp_dtype = autocast_dtype(device, config, fast)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    new_classes = list(range(sum(model.step_sizes[:-1]) + 1, model.num_classes + 1))
-    pos_weight = config.loss.pos_weight_base if case.step_index == 0 else config.loss.pos_weight_incremental
-
+    run, state = prepare_step(
+        model=model,
+        teacher=teacher,
+        config=config,
+        step_index=case.step_index,
+        device=device,
+        fast=case.fast,
+        total_iterations=case.warmup + case.steps,
+    )
     g = torch.Generator().manual_seed(0)
     images = torch.randn(case.batch, 3, case.size, case.size, generator=g).to(device)  # (N, 3, H, W)
-    choices = torch.tensor([0, *new_classes, 255])
+    choices = torch.tensor([0, *run.new_classes, 255])
     labels = choices[torch.randint(len(choices), (case.batch, case.size, case.size), generator=g)].to(device)
-    if fast.channels_last:
+    if case.fast.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-
-    def batch_loss(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            terms = loss_terms(
-                run_student,
-                run_teacher,
-                x,
-                y,
-                new_classes=new_classes,
-                pos_weight=pos_weight,
-                config=config,
-                fast=fast,
-            )
-        return weighted_total(terms, config.loss), terms
-
-    def forward_backward(x: Tensor, y: Tensor, micro_batch: int) -> tuple[Tensor, dict[str, Tensor]]:
-        with fast.step_context():
-            return accumulate_gradients(
-                x, y, micro_batch, batch_loss, lambda loss: scaler.scale(loss).backward()
-            )
-
-    fallback = MicroBatchFallback(
-        case.batch,
-        min_size=2 if case.step_index == 0 else 1,
-        window=fast.oom_window,
-        enabled=fast.oom_fallback,
-    )
     set_step_mode(model, case.step_index, config)
     ends = []
     for _ in range(case.warmup + case.steps):
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = fallback.run(
-            images, labels, forward_backward, reset=lambda: optimizer.zero_grad(set_to_none=True)
-        )
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        float(loss)  # train_step reads the loss values every iteration, which synchronises the same way
+        train_iteration(run, state, images, labels)  # reads the loss values, which synchronises
         ends.append(time.perf_counter())
-    return ends, fallback.micro_batch
+    return ends, run.fallback.micro_batch
 
 
 def _time_real_data(case: ThroughputCase, device: torch.device) -> tuple[list[float], int]:

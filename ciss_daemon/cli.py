@@ -206,6 +206,8 @@ def check(
 
     Example: ciss check ./bicycles-2026-11
     """
+    import dataclasses
+
     from ciss_daemon.batch.inbox import rejection_report
     from ciss_daemon.batch.validation import printable, validate_batch
     from ciss_daemon.catalog import records as catalog
@@ -228,15 +230,9 @@ def check(
         with _reader(ws, loaded)() as s:
             taught = catalog.unavailable_class_names(session=s)
             known = catalog.live_batch_hashes(session=s)
-    limits = settings.limits
+    # Every [limits] setting is a keyword of validate_batch of the same name.
     result = validate_batch(
-        folder,
-        taught_names=taught,
-        known_hashes=known,
-        max_batch_bytes=limits.max_batch_bytes,
-        max_files=limits.max_files,
-        max_image_pixels=limits.max_image_pixels,
-        max_image_side=limits.max_image_side,
+        folder, taught_names=taught, known_hashes=known, **dataclasses.asdict(settings.limits)
     )
     name = printable(Path(os.path.abspath(folder)).name)
     if result.batch is None:
@@ -655,7 +651,7 @@ def experiment(
 
     if setting not in ("overlap", "disjoint"):
         raise CissError(f"--setting {setting!r}: choose overlap or disjoint")
-    options = {"memory": memory, "setting": setting, "eval_crop": eval_crop, "device": device}
+    options: dict[str, Any] = {"memory": memory, "setting": setting, "eval_crop": eval_crop, "device": device}
     reproduce(plan_run(dataset, protocol, root, out, config_path=config, **options), console=console)
 
 

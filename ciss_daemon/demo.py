@@ -235,8 +235,8 @@ def _follow_step(
         deadline = time.monotonic() + 1800
         while True:
             data = status.snapshot(ws, factory)
-            step = next((s for s in data["steps"] if s["index"] == index), None)
-            state = step["state"] if step else "waiting"
+            step = next((s for s in data["steps"] if s["index"] == index), {"state": "waiting"})
+            state = step["state"]
             running = data.get("running")
             if running and running["step"] == index:
                 p = running.get("progress") or {}

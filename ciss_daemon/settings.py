@@ -232,7 +232,7 @@ def parse_settings(text: str, *, source: str = "ciss.toml") -> Settings:
         raise SettingsError(f"{source}: unknown section [{unknown[0]}]; allowed: {', '.join(SECTIONS)}")
     try:
         _gpus_as_text(data.get("daemon"))
-        sections = {
+        sections: dict[str, Any] = {
             name: section_from_dict(cls, data.get(name, {}), name) for name, cls in _DAEMON_SECTIONS.items()
         }
         engine = EngineConfig.from_dict({name: data[name] for name in _ENGINE_SECTIONS if name in data})

@@ -92,11 +92,12 @@ def parse_manifest(document: dict[str, Any]) -> ParsedManifest:
     classes: dict[int, str] = {}
     for key, name in table.items():
         value = _class_value(key)
-        problem = value if isinstance(value, Problem) else _class_name_problem(value, name)
-        if problem is None:
-            classes[value] = name
-        else:
+        if isinstance(value, Problem):
+            problems.append(value)
+        elif (problem := _class_name_problem(value, name)) is not None:
             problems.append(problem)
+        else:
+            classes[value] = name
     problems += _repeated_names(classes) + _colour_problems(document.get("colors", {}), classes)
     return ParsedManifest(kind, classes, problems)
 

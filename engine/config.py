@@ -174,7 +174,7 @@ def section_from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{section}.{unknown[0]}: unknown setting; allowed: {', '.join(fields)}")
-    defaults = cls()  # type: ignore[call-arg]
+    defaults = cls()
     values: dict[str, Any] = {}
     for name, value in data.items():
         expected = type(getattr(defaults, name))

@@ -14,6 +14,7 @@ import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,8 @@ def _dilate_basic_layer(layer: nn.Sequential, previous_dilation: int) -> None:
     the spatial size.
     """
     dilation = previous_dilation * 2
-    for index, block in enumerate(layer):
+    blocks: list[Any] = list(layer)  # torchvision Bottleneck/BasicBlock: conv1, conv2, downsample, stride
+    for index, block in enumerate(blocks):
         for conv, rate in (
             (block.conv1, previous_dilation if index == 0 else dilation),
             (block.conv2, dilation),
@@ -224,7 +226,7 @@ class DKDSegmenter(nn.Module):
         if not 1 <= num_classes <= self.num_classes:
             raise ValueError(f"num_classes: {num_classes} must be between 1 and {self.num_classes}")
         # (num_classes, 256, 1, 1): the rows of classes 1..num_classes across the step classifiers
-        weight = torch.cat([classifier.weight for classifier in self.classifiers])[:num_classes]
+        weight = torch.cat([cast(nn.Conv2d, c).weight for c in self.classifiers])[:num_classes]
         return F.conv2d(features, weight.clamp(min=0)), F.conv2d(features, weight.clamp(max=0))
 
     def add_step(self, num_new: int, init_from_aux: bool = True) -> None:
@@ -242,7 +244,8 @@ class DKDSegmenter(nn.Module):
         if init_from_aux:
             with torch.no_grad():
                 classifier.weight.copy_(aux.weight.expand_as(classifier.weight))
-                classifier.bias.copy_(aux.bias.expand_as(classifier.bias))
+                bias, aux_bias = cast(Tensor, classifier.bias), cast(Tensor, aux.bias)  # both have one
+                bias.copy_(aux_bias.expand_as(bias))
         else:
             nn.init.kaiming_normal_(classifier.weight)
         self.classifiers.append(classifier)
@@ -286,6 +289,6 @@ def build_model(config: ModelConfig, step_sizes: Sequence[int]) -> DKDSegmenter:
     return model
 
 
-def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
+def upsample(logits: Tensor, size: tuple[int, ...]) -> Tensor:
     """(N, C, h, w) -> (N, C, *size), bilinear with align_corners=False as docs/method.md prescribes."""
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from engine.checkpoint import load_model_files, save_model
 from engine.config import EngineConfig
@@ -34,7 +34,7 @@ from engine.exceptions import CheckpointError, ConfigError, DataError
 from engine.model import DKDSegmenter, build_model, upsample
 from engine.train import Progress, TrainResult, new_class_ids, train_step
 
-EvalGroup = tuple[str, set[int] | None, Dataset]  # (name, labelled classes or None: all, dataset)
+EvalGroup = tuple[str, set[int] | None, SegmentationFiles]  # (name, labelled classes or None: all, dataset)
 
 
 @dataclass(frozen=True)

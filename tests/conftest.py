@@ -1,5 +1,6 @@
 """Shared pytest hooks: tests marked ``gpu`` skip cleanly on a machine without CUDA; the catalog backends
-(SQLite, and PostgreSQL from a throwaway server, see tests/postgres.py) that tests are parametrised over."""
+(SQLite, and PostgreSQL from a throwaway server, see tests/helpers/postgres.py) that tests are parametrised
+over."""
 
 from __future__ import annotations
 

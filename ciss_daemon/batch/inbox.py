@@ -21,8 +21,8 @@ from watchdog.observers.api import BaseObserver
 
 from ciss_daemon.batch.validation import MANIFEST, Problem, printable
 from ciss_daemon.exceptions import SubmitError, WorkspaceError
-from ciss_daemon.service.promotion import fsync_dir
 from ciss_daemon.workspace import cannot_write
+from engine.atomic import fsync_dir, fsync_tree, write_text
 
 STAGING = ".staging"
 REJECTION_REPORT = "REJECTED.txt"
@@ -108,13 +108,6 @@ def candidate_folders(inbox: Path) -> list[Path]:
     return [inbox / name for name in sorted(names)]
 
 
-def scan_inbox(inbox: Path, tracker: CompletenessTracker, now: float) -> list[Path]:
-    """The complete folders in the inbox at time `now`, sorted by name."""
-    folders = candidate_folders(inbox)
-    tracker.prune(folders)
-    return [folder for folder in folders if tracker.observe(folder, now)]
-
-
 def submit_folder(source: Path, inbox: Path) -> Path:
     """Copy the batch folder `source` into the inbox so that it appears whole at once; return its inbox path.
 
@@ -159,7 +152,7 @@ def submit_folder(source: Path, inbox: Path) -> Path:
         # copytree ends with copystat, so the folder gets the source's permissions, not mkdtemp's 0700.
         shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
         (staging / SUBMITTED_MARKER).touch()
-        _fsync_tree(staging)
+        fsync_tree(staging)
         os.rename(staging, target)
         fsync_dir(inbox)
     except BaseException as exc:
@@ -170,18 +163,6 @@ def submit_folder(source: Path, inbox: Path) -> Path:
             ) from exc
         raise
     return target
-
-
-def accept_folder(
-    folder: Path, *, store: Path, archive: Path, sha256: str, now: datetime
-) -> tuple[Path, Path]:
-    """Copy an accepted folder into `store/<name>-<sha8>/`, then move it to `archive/<name>-<UTC time>/`.
-
-    The store copy is made under a temporary name, synced, then renamed, so a crash leaves either no copy or a
-    whole one. Returns (stored path, archived path). A name already taken gets a -2, -3... suffix.
-    """
-    stored = store_folder(folder, store=store, sha256=sha256)
-    return stored, archive_folder(folder, archive=archive, now=now)
 
 
 def store_folder(folder: Path, *, store: Path, sha256: str) -> Path:
@@ -196,7 +177,7 @@ def store_folder(folder: Path, *, store: Path, sha256: str) -> Path:
     copy = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=store))
     try:
         shutil.copytree(folder, copy, symlinks=True, dirs_exist_ok=True)
-        _fsync_tree(copy)
+        fsync_tree(copy)
         stored = _free_path(store, f"{name}-{sha256[:8]}")
         os.rename(copy, stored)
         fsync_dir(store)
@@ -231,13 +212,10 @@ def reject_folder(folder: Path, *, rejected: Path, problems: Sequence[Problem], 
         shutil.move(folder, destination / name)
     else:
         shutil.move(folder, destination)
-    report = destination / REJECTION_REPORT
-    partial = destination / f".{REJECTION_REPORT}.tmp"
     # Folder names may hold undecodable bytes (surrogate escapes); the report must still be written.
-    partial.write_text(rejection_report(name, problems, now), encoding="utf-8", errors="backslashreplace")
-    _fsync_path(os.fspath(partial))
-    os.replace(partial, report)
-    fsync_dir(destination)
+    write_text(
+        destination / REJECTION_REPORT, rejection_report(name, problems, now), errors="backslashreplace"
+    )
     fsync_dir(rejected)
     return destination
 
@@ -322,21 +300,3 @@ def _as_utc(now: datetime) -> datetime:
 
 def _utc_stamp(now: datetime) -> str:
     return _as_utc(now).strftime("%Y%m%dT%H%M%SZ")
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every regular file and folder under `root` to disk, so a rename after it publishes whole data."""
-    for dirpath, _, filenames in os.walk(root, followlinks=False):
-        for filename in filenames:
-            path = os.path.join(dirpath, filename)
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                _fsync_path(path)
-        _fsync_path(dirpath)
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

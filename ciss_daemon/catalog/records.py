@@ -23,29 +23,32 @@ from ciss_daemon.catalog.tables import (
     Class,
     Event,
     Job,
+    JobState,
     ModelVersion,
     Rejection,
     Step,
+    StepState,
+    VersionState,
     utcnow,
 )
 from ciss_daemon.exceptions import CatalogError, OperatorError
 
 # Which state a step may move to from each state (the lifecycle of docs/product.md).
-STEP_TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "accepted": ("queued", "discarded"),
-    "queued": ("training", "discarded"),
+STEP_TRANSITIONS: dict[StepState, tuple[StepState, ...]] = {
+    StepState.ACCEPTED: (StepState.QUEUED, StepState.DISCARDED),
+    StepState.QUEUED: (StepState.TRAINING, StepState.DISCARDED),
     # Back to queued when an attempt crashes or the daemon restarts; the job resumes from its checkpoint.
-    "training": ("evaluating", "queued", "failed"),
-    "evaluating": ("promoted", "held", "failed", "queued"),
-    "held": ("promoted", "discarded"),
-    "promoted": ("rolled_back",),
-    "failed": (),
-    "discarded": (),
-    "rolled_back": (),
+    StepState.TRAINING: (StepState.EVALUATING, StepState.QUEUED, StepState.FAILED),
+    StepState.EVALUATING: (StepState.PROMOTED, StepState.HELD, StepState.FAILED, StepState.QUEUED),
+    StepState.HELD: (StepState.PROMOTED, StepState.DISCARDED),
+    StepState.PROMOTED: (StepState.ROLLED_BACK,),
+    StepState.FAILED: (),
+    StepState.DISCARDED: (),
+    StepState.ROLLED_BACK: (),
 }
 # Steps in these states no longer hold back later steps, and their classes may be taught again.
-SETTLED_STATES = ("promoted", "failed", "discarded", "rolled_back")
-RELEASED_STATES = ("failed", "discarded", "rolled_back")
+SETTLED_STATES = (StepState.PROMOTED, StepState.FAILED, StepState.DISCARDED, StepState.ROLLED_BACK)
+RELEASED_STATES = (StepState.FAILED, StepState.DISCARDED, StepState.ROLLED_BACK)
 METRIC_KEYS = ("miou_all", "miou_old", "miou_new", "hiou")
 
 # --- batches, classes, rejections ------------------------------------------------------------------------
@@ -104,11 +107,6 @@ def batch_value_map(*, session: Session, batch: Batch) -> dict[int, int]:
     return _resolve_names(session, batch.class_names)
 
 
-def find_batch_by_hash(*, session: Session, sha256: str) -> Batch | None:
-    """The latest accepted batch with this content hash, if any."""
-    return session.scalar(select(Batch).where(Batch.sha256 == sha256).order_by(Batch.id.desc()).limit(1))
-
-
 def live_batch_hashes(*, session: Session) -> set[str]:
     """Content hashes a new batch may not repeat: evaluation sets, and training batches whose step is not
     failed, discarded or rolled back (those may be submitted again, unchanged)."""
@@ -144,11 +142,6 @@ def record_rejection(
     session.add(rejection)
     session.flush()
     return rejection
-
-
-def taught_class_names(*, session: Session) -> set[str]:
-    """Names of the classes the current model knows."""
-    return set(session.scalars(select(Class.name).where(Class.taught)))
 
 
 def add_classes(
@@ -228,11 +221,6 @@ def _compact_class_ids(session: Session) -> None:
     session.flush()
 
 
-def step_classes(*, session: Session, step: Step) -> list[Class]:
-    """The classes ``step`` teaches, by id."""
-    return list(session.scalars(select(Class).where(Class.step_id == step.id).order_by(Class.id)))
-
-
 def class_map(*, session: Session, upto_step: int) -> list[tuple[int, str, int]]:
     """``(class id, name, step index)`` of every class the model of step ``upto_step`` knows, by id.
 
@@ -243,7 +231,7 @@ def class_map(*, session: Session, upto_step: int) -> list[tuple[int, str, int]]
     query = (
         select(Class.id, Class.name, Step.index)
         .join(Step, Class.step_id == Step.id)
-        .where(Step.index <= upto_step, or_(Step.state == "promoted", Step.index == upto_step))
+        .where(Step.index <= upto_step, or_(Step.state == StepState.PROMOTED, Step.index == upto_step))
         .order_by(Class.id)
     )
     return [(cid, name, index) for cid, name, index in session.execute(query)]
@@ -259,7 +247,11 @@ def create_step(*, session: Session, batch: Batch, now: dt.datetime | None = Non
     last = session.scalar(select(func.max(Step.index)))
     at = now or utcnow()
     step = Step(
-        index=0 if last is None else last + 1, batch=batch, state="accepted", created_at=at, updated_at=at
+        index=0 if last is None else last + 1,
+        batch=batch,
+        state=StepState.ACCEPTED,
+        created_at=at,
+        updated_at=at,
     )
     session.add(step)
     for cls in batch.classes:
@@ -274,7 +266,7 @@ def set_step_state(
     """Move ``step`` to ``state`` along the lifecycle; an illegal move raises :class:`OperatorError`."""
     if state not in STEP_STATES:
         raise ValueError(f"step state {state!r} is not one of {', '.join(STEP_STATES)}")
-    allowed = STEP_TRANSITIONS[step.state]
+    allowed = STEP_TRANSITIONS[StepState(step.state)]
     if state not in allowed:
         options = ", ".join(allowed) if allowed else "none, it is final"
         raise OperatorError(
@@ -297,7 +289,7 @@ def next_runnable_step(*, session: Session) -> Step | None:
     first = session.scalar(
         select(Step).where(Step.state.not_in(SETTLED_STATES)).order_by(Step.index).limit(1)
     )
-    return first if first is not None and first.state == "queued" else None
+    return first if first is not None and first.state == StepState.QUEUED else None
 
 
 def discard_step(
@@ -305,13 +297,13 @@ def discard_step(
 ) -> None:
     """Drop a step that is held (or not yet trained): its candidate models are discarded, its queued jobs
     cancelled, and its classes become free to be taught by a later batch."""
-    set_step_state(session=session, step=step, state="discarded", reason=reason, now=now)
+    set_step_state(session=session, step=step, state=StepState.DISCARDED, reason=reason, now=now)
     for version in step.versions:
-        if version.state == "candidate":
-            version.state = "discarded"
+        if version.state == VersionState.CANDIDATE:
+            version.state = VersionState.DISCARDED
     for job in step.jobs:
-        if job.state == "queued":
-            job.state = "cancelled"
+        if job.state == JobState.QUEUED:
+            job.state = JobState.CANCELLED
             job.finished_at = now or utcnow()
     session.flush()
 
@@ -323,8 +315,10 @@ def create_job(
     *, session: Session, step: Step, max_attempts: int, jobs_dir: Path, now: dt.datetime | None = None
 ) -> Job:
     """Queue a training job for an accepted step; its folder is ``jobs_dir/<job id>``."""
-    set_step_state(session=session, step=step, state="queued", now=now)
-    job = Job(step=step, state="queued", attempts=0, max_attempts=max_attempts, created_at=now or utcnow())
+    set_step_state(session=session, step=step, state=StepState.QUEUED, now=now)
+    job = Job(
+        step=step, state=JobState.QUEUED, attempts=0, max_attempts=max_attempts, created_at=now or utcnow()
+    )
     session.add(job)
     session.flush()
     job.workdir = str(jobs_dir / str(job.id))
@@ -334,21 +328,16 @@ def create_job(
 
 def start_job(*, session: Session, job: Job, pid: int, now: dt.datetime | None = None) -> None:
     """Mark a queued job running in process ``pid`` (one more attempt) and its step training."""
-    if job.state != "queued":
+    if job.state != JobState.QUEUED:
         raise ValueError(f"job {job.id} is {job.state}; only a queued job can start")
     at = now or utcnow()
-    set_step_state(session=session, step=job.step, state="training", now=at)
-    job.state = "running"
+    set_step_state(session=session, step=job.step, state=StepState.TRAINING, now=at)
+    job.state = JobState.RUNNING
     job.attempts += 1
     job.pid = pid
     job.started_at = at
     job.heartbeat_at = at
     session.flush()
-
-
-def running_job(*, session: Session) -> Job | None:
-    """The job that is running, if any."""
-    return session.scalar(select(Job).where(Job.state == "running").order_by(Job.id).limit(1))
 
 
 def update_job_progress(
@@ -362,10 +351,10 @@ def update_job_progress(
 
 def requeue_job(*, session: Session, job: Job, error: str, now: dt.datetime | None = None) -> None:
     """Put a running job whose attempt ended early (crash, restart) back in the queue, step included."""
-    if job.state != "running":
+    if job.state != JobState.RUNNING:
         raise ValueError(f"job {job.id} is {job.state}; only a running job can be requeued")
-    set_step_state(session=session, step=job.step, state="queued", reason=error, now=now)
-    job.state = "queued"
+    set_step_state(session=session, step=job.step, state=StepState.QUEUED, reason=error, now=now)
+    job.state = JobState.QUEUED
     job.pid = None
     job.error = error
     session.flush()
@@ -376,12 +365,12 @@ def finish_job(
 ) -> None:
     """End a job as done, failed or cancelled. A failed job fails its step too, with ``error`` as reason;
     after ``done`` the caller moves the step on (promoted or held) once the gate has decided."""
-    if state not in ("done", "failed", "cancelled"):
+    if state not in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
         raise ValueError(f"job end state {state!r} is not one of done, failed, cancelled")
-    if job.state not in ("queued", "running"):
+    if job.state not in (JobState.QUEUED, JobState.RUNNING):
         raise ValueError(f"job {job.id} is already {job.state}")
-    if state == "failed":
-        set_step_state(session=session, step=job.step, state="failed", reason=error, now=now)
+    if state == JobState.FAILED:
+        set_step_state(session=session, step=job.step, state=StepState.FAILED, reason=error, now=now)
     job.state = state
     job.error = error
     job.pid = None
@@ -414,7 +403,7 @@ def record_model_version(
         files=dict(files),
         metrics=dict(metrics),
         created_at=now or utcnow(),
-        state="candidate",
+        state=VersionState.CANDIDATE,
         is_current=False,
     )
     session.add(row)
@@ -439,15 +428,15 @@ def promote_version(
     *, session: Session, version: ModelVersion, reason: str | None = None, now: dt.datetime | None = None
 ) -> None:
     """Make a candidate the current model: the previous one retires and the step's classes become taught."""
-    if version.state != "candidate":
+    if version.state != VersionState.CANDIDATE:
         raise OperatorError(f"model {version.version} is {version.state}; only a candidate can be promoted")
     at = now or utcnow()
-    set_step_state(session=session, step=version.step, state="promoted", reason=reason, now=at)
+    set_step_state(session=session, step=version.step, state=StepState.PROMOTED, reason=reason, now=at)
     previous = current_version(session=session)
     if previous is not None:
         previous.is_current = False
-        previous.state = "retired"
-    version.state = "promoted"
+        previous.state = VersionState.RETIRED
+    version.state = VersionState.PROMOTED
     version.is_current = True
     version.promoted_at = at
     for cls in version.step.classes:
@@ -464,7 +453,7 @@ def rollback_to(*, session: Session, version: ModelVersion, now: dt.datetime | N
     current = current_version(session=session)
     if current is not None and current.id == version.id:
         raise OperatorError(f"model {version.version} is already the current model; nothing to roll back")
-    if version.promoted_at is None or version.step.state != "promoted":
+    if version.promoted_at is None or version.step.state != StepState.PROMOTED:
         raise OperatorError(
             f"model {version.version} is not a model that was promoted and is still in the history; "
             "`ciss models` lists the models you can roll back to"
@@ -474,14 +463,19 @@ def rollback_to(*, session: Session, version: ModelVersion, now: dt.datetime | N
             f"model {version.version} is not older than the current model; nothing to roll back"
         )
     busy = session.scalar(
-        select(Step).where(Step.state.in_(("training", "evaluating", "held"))).order_by(Step.index).limit(1)
+        select(Step)
+        .where(Step.state.in_((StepState.TRAINING, StepState.EVALUATING, StepState.HELD)))
+        .order_by(Step.index)
+        .limit(1)
     )
     if busy is not None:
-        hint = "promote or discard it first" if busy.state == "held" else "wait for it to finish"
+        hint = "promote or discard it first" if busy.state == StepState.HELD else "wait for it to finish"
         raise OperatorError(f"step {busy.index} is {busy.state}; {hint}, then roll back")
     # A requeued job resumes from a checkpoint trained on the model being dropped.
     resumable = session.scalar(
-        select(Step.index).join(Job, Job.step_id == Step.id).where(Job.state == "queued", Job.attempts > 0)
+        select(Step.index)
+        .join(Job, Job.step_id == Step.id)
+        .where(Job.state == JobState.QUEUED, Job.attempts > 0)
     )
     if resumable is not None:
         raise OperatorError(
@@ -491,23 +485,25 @@ def rollback_to(*, session: Session, version: ModelVersion, now: dt.datetime | N
     at = now or utcnow()
     later = list(
         session.scalars(
-            select(Step).where(Step.state == "promoted", Step.index > version.step.index).order_by(Step.index)
+            select(Step)
+            .where(Step.state == StepState.PROMOTED, Step.index > version.step.index)
+            .order_by(Step.index)
         )
     )
     for step in later:
         set_step_state(
             session=session,
             step=step,
-            state="rolled_back",
+            state=StepState.ROLLED_BACK,
             reason=f"rolled back to {version.version}",
             now=at,
         )
         for cls in step.classes:
             cls.taught = False
     current.is_current = False
-    current.state = "retired"
+    current.state = VersionState.RETIRED
     version.is_current = True
-    version.state = "promoted"
+    version.state = VersionState.PROMOTED
     session.flush()
     return later
 

@@ -16,9 +16,11 @@ from ciss_daemon.catalog.tables import (
     Class,
     Event,
     Job,
+    JobState,
     ModelVersion,
     Rejection,
     Step,
+    VersionState,
 )
 
 # --- status ----------------------------------------------------------------------------------------------
@@ -60,7 +62,7 @@ def status_snapshot(*, session: Session, recent: int = 10) -> dict[str, Any]:
     versions = session.execute(
         select(ModelVersion, Step.index)
         .join(Step, ModelVersion.step_id == Step.id)
-        .where(or_(ModelVersion.is_current, ModelVersion.state == "candidate"))
+        .where(or_(ModelVersion.is_current, ModelVersion.state == VersionState.CANDIDATE))
         .order_by(ModelVersion.id)
     )
     current = None
@@ -90,10 +92,10 @@ def status_snapshot(*, session: Session, recent: int = 10) -> dict[str, Any]:
         select(Job, Step.index, Batch.name)
         .join(Step, Job.step_id == Step.id)
         .join(Batch, Step.batch_id == Batch.id)
-        .where(Job.state.in_(("running", "queued")))
+        .where(Job.state.in_((JobState.RUNNING, JobState.QUEUED)))
         .order_by(Step.index, Job.id)
     ):
-        if job.state == "running":
+        if job.state == JobState.RUNNING:
             progress = job.progress or {}
             running = {
                 "job": job.id,

@@ -7,6 +7,7 @@ one naming convention, which SQLite's batch migrations need to find and recreate
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -37,19 +38,44 @@ NAMING_CONVENTION = {
 }
 
 BATCH_KINDS = ("train", "eval")
-STEP_STATES = (
-    "accepted",
-    "queued",
-    "training",
-    "evaluating",
-    "promoted",
-    "held",
-    "failed",
-    "discarded",
-    "rolled_back",
-)
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
-VERSION_STATES = ("candidate", "promoted", "discarded", "retired")
+
+
+class StepState(StrEnum):
+    """Where a step is in its lifecycle (docs/product.md, "A step's life")."""
+
+    ACCEPTED = "accepted"
+    QUEUED = "queued"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    PROMOTED = "promoted"
+    HELD = "held"
+    FAILED = "failed"
+    DISCARDED = "discarded"
+    ROLLED_BACK = "rolled_back"
+
+
+class JobState(StrEnum):
+    """A training job: one step's training, over one or more attempts."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class VersionState(StrEnum):
+    """A model version: a candidate until the gate or the operator decides."""
+
+    CANDIDATE = "candidate"
+    PROMOTED = "promoted"
+    DISCARDED = "discarded"
+    RETIRED = "retired"
+
+
+STEP_STATES = tuple(StepState)
+JOB_STATES = tuple(JobState)
+VERSION_STATES = tuple(VersionState)
 EVENT_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -132,12 +132,13 @@ def with_legend(
     """
     ids = sorted(class_names) if present is None else sorted({int(k) for k in present})
     ids = [k for k in ids if k != 0]
-    entries = [(k, class_names.get(k, f"class {k}")) for k in ids] or [(None, "no class found")]
+    entries: list[tuple[int | None, str]] = [(k, class_names.get(k, f"class {k}")) for k in ids]
+    entries = entries or [(None, "no class found")]
     font = ImageFont.load_default()
     text_boxes = [font.getbbox(name) for _, name in entries]  # (left, top, right, bottom) each
     row = max(_SWATCH, *(box[3] - box[1] for box in text_boxes)) + _PAD
-    strip_width = _PAD * 3 + _SWATCH + max(box[2] - box[0] for box in text_boxes)
-    height = max(image.height, _PAD + row * len(entries))
+    strip_width = int(_PAD * 3 + _SWATCH + max(box[2] - box[0] for box in text_boxes))
+    height = int(max(image.height, _PAD + row * len(entries)))
 
     canvas = Image.new("RGB", (image.width + strip_width, height), "white")
     canvas.paste(image.convert("RGB"), (0, 0))
@@ -177,6 +178,9 @@ def predict_image(
         if labels.shape[-2:] != (height, width):
             labels = F.interpolate(labels[None].float(), size=(height, width), mode="nearest")[0].long()
     return labels[0].cpu().numpy()
+
+
+_PNG_KINDS = ("labels", "colour", "overlay")  # the files predict_images writes per image
 
 
 @dataclass(frozen=True)
@@ -299,17 +303,12 @@ def _predict_all(
         else:
             labels = predict_image(model, image, device=model.aux_classifier.weight.device, max_size=max_size)
             found = tuple(int(k) for k in np.unique(labels) if k != 0)
-            files = PredictionFiles(
-                image=path,
-                labels=out_dir / f"{stem}.labels.png",
-                colour=out_dir / f"{stem}.colour.png",
-                overlay=out_dir / f"{stem}.overlay.png",
-                classes=found,
-            )
+            labels_png, colour_png, overlay_png = (out_dir / f"{stem}.{kind}.png" for kind in _PNG_KINDS)
+            files = PredictionFiles(path, labels_png, colour_png, overlay_png, classes=found)
             try:
-                Image.fromarray(labels.astype(label_dtype)).save(files.labels)
-                with_legend(colour_mask(labels, colours), class_names, colours, found).save(files.colour)
-                with_legend(overlay(image, labels, colours), class_names, colours, found).save(files.overlay)
+                Image.fromarray(labels.astype(label_dtype)).save(labels_png)
+                with_legend(colour_mask(labels, colours), class_names, colours, found).save(colour_png)
+                with_legend(overlay(image, labels, colours), class_names, colours, found).save(overlay_png)
             except OSError as exc:
                 raise PredictError(
                     f"cannot write predictions of {path} into {out_dir}: {exc.strerror or exc}; "

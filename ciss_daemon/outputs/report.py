@@ -234,11 +234,13 @@ def samples_figure(
             if row == 0:
                 axes.set_title(title)
     handles = [
-        Patch(facecolor=colours[k] / 255, edgecolor="grey", label=_class_name(class_names, k))
+        Patch(facecolor=tuple(colours[k] / 255), edgecolor="grey", label=_class_name(class_names, k))
         for k in classes
     ]
     if IGNORE in found:
-        handles.append(Patch(facecolor=np.array(OUT_OF_PALETTE) / 255, edgecolor="grey", label="ignore"))
+        handles.append(
+            Patch(facecolor=tuple(np.array(OUT_OF_PALETTE) / 255), edgecolor="grey", label="ignore")
+        )
     if handles:
         figure.legend(
             handles=handles,

@@ -9,10 +9,8 @@ so tests drive it without sleeping.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -24,28 +22,21 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon.batch.inbox import (
-    SUBMITTED_MARKER,
     CompletenessTracker,
     InboxWatcher,
-    archive_folder,
-    candidate_folders,
-    reject_folder,
-    store_folder,
 )
-from ciss_daemon.batch.validation import Problem, ValidatedBatch, printable, validate_batch
 from ciss_daemon.catalog import connection
 from ciss_daemon.catalog import records as catalog
-from ciss_daemon.catalog.tables import Job, ModelVersion
+from ciss_daemon.catalog.tables import Job, JobState, StepState
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
-from ciss_daemon.service import launch, systemd
-from ciss_daemon.service.jobs import Outcome, TrainingProcess, stop_orphan, temp_files
+from ciss_daemon.service import intake, launch, recovery, systemd, training
+from ciss_daemon.service.clock import utc
+from ciss_daemon.service.jobs import Outcome, TrainingProcess
 from ciss_daemon.service.notify import Notifier, last_event_id, new_events
-from ciss_daemon.service.operator import apply_requests, promote
+from ciss_daemon.service.operator import apply_requests
 from ciss_daemon.service.planning import build_request, next_opening, training_window
-from ciss_daemon.service.promotion import current_target, fsync_dir, gate, swap_current
 from ciss_daemon.service.retention import CHECKPOINT, prune_checkpoints
-from ciss_daemon.service.worker import CANDIDATE
 from ciss_daemon.settings import Settings
 from ciss_daemon.workspace import Workspace
 
@@ -53,10 +44,6 @@ log = logging.getLogger("ciss.daemon")
 
 # Seconds between tries to record a finished job whose recording failed (see Daemon.outcome_failed).
 OUTCOME_RETRY_SECONDS = 10.0
-
-
-def utc(now: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(now, dt.UTC)
 
 
 class Daemon:
@@ -122,7 +109,7 @@ class Daemon:
         log.info("each step trains with %s", self.launch.describe())
         self.factory = connection.session_factory(connection.make_engine(url))
         self.window = training_window(self.settings.daemon.training_window)
-        self.recover()
+        recovery.recover(self.ws, self.settings, self.session, now=self.clock())
         self._start_extras()
         # Once started (a daemon that cannot start has a better thing to say).
         mismatch = cpu_mismatch(self.settings, gpu_visible=nvidia_gpu_visible())
@@ -144,6 +131,7 @@ class Daemon:
     def _start_extras(self) -> None:
         """Notifications and the dashboard, when ``[notify]`` has webhooks and ``[web] enabled`` is set."""
         if self.settings.notify.webhooks:
+            assert self.factory is not None  # _start_locked opened the catalog
             with self.factory() as s:
                 self.notify_cursor = last_event_id(session=s)
             self.notifier = Notifier(self.settings.notify, workspace=str(self.ws.root))
@@ -269,197 +257,14 @@ class Daemon:
     # --- inbox --------------------------------------------------------------------------------------
 
     def scan_inbox(self, now: float) -> None:
-        folders = candidate_folders(self.ws.inbox)
-        self.pending.intersection_update(folders)
-        self.tracker.prune(folders)  # folders that left the inbox before they settled
-        for folder in folders:
-            complete = (folder / SUBMITTED_MARKER).exists() or self.tracker.observe(folder, now)
-            if not complete:
-                self.pending.add(folder)
-                continue
-            self.pending.discard(folder)
-            self.tracker.forget(folder)
-            try:
-                self.ingest(folder, now)
-            except Exception:  # the folder stays in the inbox and is tried again at the next scan
-                log.exception("could not ingest %s; it stays in the inbox", folder.name)
+        intake.scan_inbox(
+            self.ws, self.settings, self.session, tracker=self.tracker, pending=self.pending, now=now
+        )
 
     def ingest(self, folder: Path, now: float) -> None:
-        """Validate a complete folder; accept it as a batch (and a step) or reject it with its reasons."""
-        with self.session() as s:
-            unavailable = catalog.unavailable_class_names(session=s)
-            known = catalog.live_batch_hashes(session=s)
-        limits = self.settings.limits
-        result = validate_batch(
-            folder,
-            taught_names=unavailable,
-            known_hashes=known,
-            max_batch_bytes=limits.max_batch_bytes,
-            max_files=limits.max_files,
-            max_image_pixels=limits.max_image_pixels,
-            max_image_side=limits.max_image_side,
-        )
-        if not result.ok or result.batch is None:
-            self.reject(folder, result.problems, now)
-            return
-        batch = result.batch
-        # Copy, record, and only then move the original out of the inbox: a crash before the commit
-        # leaves the original in the inbox (ingested again at the next start), never a batch that is
-        # archived but not in the catalog.
-        stored = store_folder(folder, store=self.ws.store, sha256=batch.sha256)
-        (stored / SUBMITTED_MARKER).unlink(missing_ok=True)
-        try:
-            message = self.record_accepted(batch, stored, now)
-        except BaseException:
-            shutil.rmtree(stored, ignore_errors=True)  # our own copy; the original is still in the inbox
-            raise
-        archived = archive_folder(folder, archive=self.ws.archive, now=utc(now))
-        log.info("%s; original archived at %s", message, archived)
-
-    def record_accepted(self, batch: ValidatedBatch, stored: Path, now: float) -> str:
-        """Record a validated batch stored at ``stored`` (and its step and job); returns the event's words."""
-        with self.session() as s:
-            row = catalog.record_batch(
-                session=s,
-                name=batch.name,
-                kind=batch.kind,
-                sha256=batch.sha256,
-                store_path=stored,
-                class_names=batch.classes,
-                n_train=len(batch.train_stems),
-                n_val=len(batch.val_stems),
-                now=utc(now),
-            )
-            if batch.kind == "train":
-                step = catalog.create_step(session=s, batch=row, now=utc(now))
-                catalog.create_job(
-                    session=s,
-                    step=step,
-                    max_attempts=self.settings.daemon.max_attempts,
-                    jobs_dir=self.ws.jobs,
-                    now=utc(now),
-                )
-                names = ", ".join(batch.classes.values())
-                message = f"batch {batch.name!r} accepted as step {step.index} ({names})"
-            else:
-                step = None
-                message = f"evaluation batch {batch.name!r} accepted ({len(batch.train_stems)} images)"
-            catalog.log_event(session=s, kind="accepted", message=message, step=step, now=utc(now))
-        return message
-
-    def reject(self, folder: Path, problems: list[Problem], now: float) -> None:
-        moved = reject_folder(folder, rejected=self.ws.rejected, problems=problems, now=utc(now))
-        reasons = [str(p) for p in problems]
-        # A folder name may hold bytes that are not UTF-8 (surrogate escapes), which the catalog cannot
-        # store: record and print it escaped, as REJECTED.txt does.
-        name, report = printable(folder.name), printable(str(moved / "REJECTED.txt"))
-        with self.session() as s:
-            catalog.record_rejection(
-                session=s, batch_name=name, reasons=reasons, path=printable(str(moved)), now=utc(now)
-            )
-            catalog.log_event(
-                session=s,
-                kind="rejected",
-                level="warning",
-                message=f"batch {name!r} rejected: {reasons[0]}"
-                + (f" (and {len(reasons) - 1} more, see {report})" if len(reasons) > 1 else ""),
-                now=utc(now),
-            )
-        log.warning("batch %r rejected (%d problems): %s; see %s", name, len(reasons), reasons[0], report)
+        intake.ingest(folder, self.ws, self.settings, self.session, now=now)
 
     # --- jobs ---------------------------------------------------------------------------------------
-
-    def recover(self) -> None:
-        """After a crash or restart: stop orphan workers, requeue running jobs, repair ``models/current``."""
-        now = self.clock()
-        with self.session() as s:
-            for job in s.scalars(select(Job).where(Job.state == "running")):
-                stop_orphan(job.pid, Path(job.workdir), self.settings.daemon.stop_timeout_seconds)
-                self.end_attempt(s, job, "the daemon restarted during training", now)
-            self.reconcile_current(s, now)
-        self.remove_leftovers()
-
-    def remove_leftovers(self) -> None:
-        """Delete the temporary files a crash left half-written; never anything a user gave or a model.
-
-        Checkpoints and model files are written as ``.<name>.<random>.tmp`` then renamed, a batch is copied
-        into a hidden ``store/.<name>.<random>`` folder then renamed, and ``models/current`` is swapped
-        through ``models/.current.<pid>.tmp``. A kill before the rename leaves them behind, each as large
-        as what it was writing (a checkpoint holds the model twice), so weeks of crashes would fill the
-        disk. Runs at start-up, after orphan workers are stopped and under the lock: nothing writes them.
-        """
-        files = [
-            *(path for job_dir in self.ws.jobs.iterdir() if job_dir.is_dir() for path in temp_files(job_dir)),
-            *self.ws.models.glob(".*.tmp"),
-            *self.ws.models.glob("*/.*.tmp"),
-        ]
-        for path in files:
-            if path.is_symlink() or path.is_file():
-                path.unlink(missing_ok=True)
-        for path in self.ws.store.glob(".*"):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-        if files:
-            log.info("removed %d temporary files left by an earlier crash", len(files))
-
-    def reconcile_current(self, s: Session, now: float) -> None:
-        """Make ``models/current`` and the catalog agree after a crash in the middle of a promotion.
-
-        The pointer is swapped before the catalog is updated: a pointer naming a candidate means the
-        promotion was decided, so it is completed; any other disagreement is settled by the catalog.
-        """
-        current = catalog.current_version(session=s)
-        target = current_target(self.ws.models)
-        if current is not None and target == current.version:
-            return
-        named = s.scalar(select(ModelVersion).where(ModelVersion.version == target)) if target else None
-        if named is not None and named.state == "candidate":
-            if named.step.state == "evaluating":
-                catalog.set_step_state(session=s, step=named.step, state="held", now=utc(now))
-            catalog.promote_version(
-                session=s, version=named, reason="promotion completed after a restart", now=utc(now)
-            )
-            catalog.log_event(
-                session=s,
-                kind="promoted",
-                message=f"{named.version} promotion completed after a restart",
-                step=named.step,
-                now=utc(now),
-            )
-        elif current is not None:
-            swap_current(self.ws.models, current.version)
-        elif target is not None:
-            (self.ws.models / "current").unlink()
-
-    def fail_job(self, s: Session, job: Job, message: str, now: float) -> None:
-        """Fail a job and its step for good, with the reason in the catalog, its event log and the log."""
-        catalog.finish_job(session=s, job=job, state="failed", error=message, now=utc(now))
-        catalog.log_event(
-            session=s,
-            kind="failed",
-            level="error",
-            message=f"step {job.step.index} failed: {message}",
-            step=job.step,
-            now=utc(now),
-        )
-        log.error("step %d failed: %s", job.step.index, message)
-
-    def end_attempt(self, s: Session, job: Job, reason: str, now: float, *, counted: bool = True) -> None:
-        """Requeue a job whose attempt ended early, or fail its step once its attempts are spent."""
-        if not counted:
-            job.attempts -= 1  # a requested stop (SIGTERM) is not a failed attempt
-        if job.attempts >= job.max_attempts:
-            self.fail_job(s, job, f"{reason}; gave up after {job.attempts} attempts", now)
-            return
-        catalog.requeue_job(session=s, job=job, error=reason, now=utc(now))
-        catalog.log_event(
-            session=s,
-            kind="requeued",
-            level="warning" if counted else "info",
-            message=f"step {job.step.index}: {reason}; it resumes from its checkpoint",
-            step=job.step,
-            now=utc(now),
-        )
 
     def dispatch(self, now: float) -> None:
         """Start the next queued step when nothing trains and the training window is open."""
@@ -469,7 +274,9 @@ class Daemon:
             step = catalog.next_runnable_step(session=s)
             if step is None:
                 return
-            job = s.scalar(select(Job).where(Job.step_id == step.id, Job.state == "queued").order_by(Job.id))
+            job = s.scalar(
+                select(Job).where(Job.step_id == step.id, Job.state == JobState.QUEUED).order_by(Job.id)
+            )
             if job is None:
                 return
             # A job whose attempts are spent never comes back to the queue: end_attempt fails its step.
@@ -549,7 +356,7 @@ class Daemon:
                 log.warning("could not record the error in the catalog either; see the log above")
         try:
             with self.session() as s:
-                self.reconcile_current(s, now)
+                recovery.reconcile_current(s, self.ws, now=now)
         except Exception as again:
             log.warning("could not check models/current against the catalog (%s); retrying later", again)
 
@@ -561,7 +368,7 @@ class Daemon:
         self.last_progress_write = now
         with self.session() as s:
             job = s.get(Job, self.process_job_id)
-            if job is None or job.state != "running":
+            if job is None or job.state != JobState.RUNNING:
                 return
             catalog.update_job_progress(session=s, job=job, progress=progress, now=utc(now))
             self.warn_if_stop_would_kill(s, job, progress, now)
@@ -571,8 +378,8 @@ class Daemon:
                 message = f"step {job.step.index} training resumed at iteration {resumed}"
                 log.info("%s", message)
                 catalog.log_event(session=s, kind="training", message=message, step=job.step, now=utc(now))
-            if progress.get("phase") == "evaluating" and job.step.state == "training":
-                catalog.set_step_state(session=s, step=job.step, state="evaluating", now=utc(now))
+            if progress.get("phase") == "evaluating" and job.step.state == StepState.TRAINING:
+                catalog.set_step_state(session=s, step=job.step, state=StepState.EVALUATING, now=utc(now))
 
     def warn_if_stop_would_kill(self, s: Session, job: Job, progress: dict[str, Any], now: float) -> None:
         """Once per job: say when one iteration outlasts the stop timeout, so a stop would kill training."""
@@ -598,69 +405,16 @@ class Daemon:
     def handle_outcome(self, outcome: Outcome, now: float, *, stopping: bool = False) -> None:
         with self.session() as s:
             job = s.get(Job, self.process_job_id)
-            if job is None or job.state != "running":
+            if job is None or job.state != JobState.RUNNING:
                 return
             if outcome.kind == "done" and outcome.result is not None:
-                self.finish_training(s, job, outcome.result, now)
+                training.finish_training(s, job, outcome.result, self.ws, self.settings, now=now)
             elif outcome.kind == "stopped":
-                self.end_attempt(s, job, "training stopped with the daemon", now, counted=False)
+                training.end_attempt(s, job, "training stopped with the daemon", now=now, counted=False)
             elif outcome.kind == "failed":
-                self.fail_job(s, job, outcome.reason, now)
+                training.fail_job(s, job, outcome.reason, now=now)
             else:
-                self.end_attempt(s, job, outcome.reason, now, counted=not stopping)
-
-    def finish_training(self, s: Session, job: Job, result: dict[str, Any], now: float) -> None:
-        """Record the candidate, move it into ``models/``, then promote or hold it by the gate."""
-        step = job.step
-        catalog.finish_job(session=s, job=job, state="done", now=utc(now))
-        if step.state == "training":
-            catalog.set_step_state(session=s, step=step, state="evaluating", now=utc(now))
-        version = catalog.record_model_version(
-            session=s,
-            step=step,
-            models_dir=self.ws.models,
-            files=result["files"],
-            metrics={
-                "candidate": result["metrics"],
-                "current": result["current_metrics"],
-                "history": result["history"],
-            },
-            now=utc(now),
-        )
-        target, candidate = Path(version.path), Path(job.workdir, CANDIDATE)
-        if candidate.is_dir():
-            if target.exists():  # left by a crash after this move but before the catalog commit
-                shutil.rmtree(target)
-            candidate.rename(target)
-        elif not holds_files(target, result["files"]):
-            raise CissError(f"the trained model of job {job.id} is in neither {candidate} nor {target}")
-        # Otherwise an earlier try moved it there, then failed before its commit (e.g. a full disk): the
-        # model is whole (every hash matches) and is used as it is; deleting it would lose the training.
-        fsync_dir(self.ws.models)
-        g = self.settings.gate
-        decision = gate(
-            result["metrics"],
-            result["current_metrics"],
-            old_miou_budget=g.old_miou_budget,
-            new_miou_floor=g.new_miou_floor,
-            step_index=result["step_index"],
-        )
-        if decision.promote and g.auto_promote:
-            promote(self.ws, s, version, reason=decision.reason, now=now)
-            log.info("step %d: %s promoted (%s)", step.index, version.version, decision.reason)
-            return
-        reason = decision.reason if not decision.promote else "auto_promote is off"
-        catalog.set_step_state(session=s, step=step, state="held", reason=reason, now=utc(now))
-        catalog.log_event(
-            session=s,
-            kind="held",
-            level="warning",
-            message=f"step {step.index}: {version.version} held for the operator: {reason}; "
-            "`ciss promote` or `ciss discard`",
-            step=step,
-            now=utc(now),
-        )
-        log.warning("step %d: %s held: %s", step.index, version.version, reason)
+                training.end_attempt(s, job, outcome.reason, now=now, counted=not stopping)
 
     def retention(self) -> None:
         """Delete checkpoints of finished jobs beyond ``daemon.keep_checkpoints``; log what it freed."""
@@ -668,23 +422,6 @@ class Daemon:
             freed = prune_checkpoints(s, keep=self.settings.daemon.keep_checkpoints)
         if freed.count:
             log.info("retention: %s", freed.words("checkpoint"))
-
-
-def holds_files(folder: Path, files: dict[str, str]) -> bool:
-    """Whether ``folder`` holds every file of ``files`` (name -> sha256) with that content."""
-    if not files or not folder.is_dir():
-        return False
-    for name, digest in files.items():
-        sha = hashlib.sha256()
-        try:
-            with open(folder / name, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    sha.update(chunk)
-        except OSError:
-            return False
-        if sha.hexdigest() != digest:
-            return False
-    return True
 
 
 def run_daemon(workspace: Workspace, settings: Settings) -> int:

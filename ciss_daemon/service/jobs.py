@@ -17,12 +17,27 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ciss_daemon.service import worker
 from ciss_daemon.service.launch import Launch, worker_command
+from ciss_daemon.service.protocol import (
+    CANDIDATE,
+    ERROR,
+    EXIT,
+    EXIT_DONE,
+    EXIT_FAILED,
+    EXIT_RANK_LOST,
+    EXIT_STOPPED,
+    LOG,
+    PROGRESS,
+    REQUEST,
+    RESULT,
+    JobRequest,
+    JobResult,
+)
+from engine.atomic import write_json
 
 
 @dataclass(frozen=True)
@@ -31,7 +46,7 @@ class Outcome:
 
     kind: str  # "done" | "stopped" | "failed" | "crashed"
     reason: str = ""
-    result: dict[str, Any] | None = None
+    result: JobResult | None = None
     timed_out: bool = False  # killed after daemon.stop_timeout_seconds without a checkpoint
 
 
@@ -44,7 +59,7 @@ def timeout_reason(timeout: float) -> str:
 
 def temp_files(job_dir: Path) -> list[Path]:
     """Half-written files of a job folder: checkpoints and candidate files are written as ``.*.tmp``."""
-    return [*job_dir.glob(".*.tmp"), *job_dir.glob(f"{worker.CANDIDATE}/.*.tmp")]
+    return [*job_dir.glob(".*.tmp"), *job_dir.glob(f"{CANDIDATE}/.*.tmp")]
 
 
 def remove_temp_files(job_dir: Path) -> int:
@@ -68,22 +83,22 @@ class TrainingProcess:
         return self.process.pid
 
     @classmethod
-    def start(cls, job_dir: Path, request: dict[str, Any], launch: Launch | None = None) -> TrainingProcess:
+    def start(cls, job_dir: Path, request: JobRequest, launch: Launch | None = None) -> TrainingProcess:
         """Write ``request.json`` and start the worker(s); output goes to ``worker.log`` in the job dir.
 
         ``launch`` (default: one process on the request's device) says how many ranks train the step."""
-        launch = launch or Launch(1, request.get("device", "auto"))
-        request = {**request, "device": launch.device, "ranks": launch.ranks}
+        launch = launch or Launch(1, request.device)
+        request = replace(request, device=launch.device, ranks=launch.ranks)
         job_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (worker.RESULT, worker.ERROR, worker.EXIT):  # left over from an earlier attempt
+        for stale in (RESULT, ERROR, EXIT):  # left over from an earlier attempt
             (job_dir / stale).unlink(missing_ok=True)
         # A candidate an earlier attempt began or finished but that was never recorded (a crash): this
         # attempt writes it again, and a half-written one must not be moved into models/ as a whole.
-        shutil.rmtree(job_dir / worker.CANDIDATE, ignore_errors=True)
-        worker.write_json(job_dir / worker.REQUEST, request)
+        shutil.rmtree(job_dir / CANDIDATE, ignore_errors=True)
+        write_json(job_dir / REQUEST, request.to_json())
         command, extra = worker_command(job_dir, launch)
         env = {**os.environ, **extra, "CISS_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-        with open(job_dir / "worker.log", "ab") as log:
+        with open(job_dir / LOG, "ab") as log:
             process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -98,7 +113,7 @@ class TrainingProcess:
 
     def progress(self) -> dict[str, Any] | None:
         """The child's last progress report, or None before the first one."""
-        return read_json(self.job_dir / worker.PROGRESS)
+        return read_json(self.job_dir / PROGRESS)
 
     def poll(self) -> Outcome | None:
         """None while the child runs; its outcome once it has exited."""
@@ -137,29 +152,32 @@ class TrainingProcess:
         """The worker's exit code: the launcher's exit code of several ranks says only that one failed."""
         if self.ranks == 1 or code == 0:
             return code
-        recorded = read_json(self.job_dir / worker.EXIT)
+        recorded = read_json(self.job_dir / EXIT)
         return int(recorded["code"]) if recorded and isinstance(recorded.get("code"), int) else code
 
 
 def outcome_of(job_dir: Path, code: int) -> Outcome:
     """Interpret the exit code and the files the worker left."""
-    if code == worker.EXIT_DONE:
-        result = read_json(job_dir / worker.RESULT)
+    if code == EXIT_DONE:
+        result = read_json(job_dir / RESULT)
         if result is None:
             return Outcome("crashed", "the training process exited without writing its result")
-        return Outcome("done", result=result)
-    if code == worker.EXIT_STOPPED:
+        try:
+            return Outcome("done", result=JobResult.from_json(result))
+        except (KeyError, TypeError, ValueError) as error:
+            return Outcome("crashed", f"the training process wrote a result that cannot be read ({error!r})")
+    if code == EXIT_STOPPED:
         return Outcome("stopped", "stopped on request after a checkpoint")
-    if code == worker.EXIT_RANK_LOST:
-        recorded = read_json(job_dir / worker.EXIT) or {}
+    if code == EXIT_RANK_LOST:
+        recorded = read_json(job_dir / EXIT) or {}
         return Outcome("crashed", str(recorded.get("reason") or "a training rank died or stopped answering"))
-    error = job_dir / worker.ERROR
-    if code == worker.EXIT_FAILED and error.exists():
-        return Outcome("failed", error.read_text(encoding="utf-8", errors="replace").strip())
+    error_file = job_dir / ERROR
+    if code == EXIT_FAILED and error_file.exists():
+        return Outcome("failed", error_file.read_text(encoding="utf-8", errors="replace").strip())
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         return Outcome("crashed", f"the training process was killed by {name}")
-    return Outcome("crashed", f"the training process exited with code {code}; see {job_dir / 'worker.log'}")
+    return Outcome("crashed", f"the training process exited with code {code}; see {job_dir / LOG}")
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -67,7 +67,7 @@ def plan_launch(daemon: DaemonSettings, gpus: list[str] | None = None) -> Launch
         # "cuda" without a GPU: one process, which reports the missing device in one line.
         return cpu if daemon.device == "auto" else Launch(1, "cuda", None, timeout)
     wanted = daemon.gpu_request()
-    if wanted == "all":
+    if isinstance(wanted, str):  # "all"
         chosen = list(range(len(gpus)))
     elif isinstance(wanted, int):
         if wanted > len(gpus):

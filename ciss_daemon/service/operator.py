@@ -11,45 +11,40 @@ the catalog, which the daemon settles at its next start (``Daemon.reconcile_curr
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ciss_daemon.catalog import connection
 from ciss_daemon.catalog import records as catalog
-from ciss_daemon.catalog.tables import ModelVersion, Step
+from ciss_daemon.catalog.tables import ModelVersion, Step, StepState, VersionState
 from ciss_daemon.exceptions import CissError, OperatorError
 from ciss_daemon.service import systemd
+from ciss_daemon.service.clock import utc
 from ciss_daemon.service.promotion import swap_current
 from ciss_daemon.service.retention import prune
 from ciss_daemon.workspace import Workspace
+from engine.atomic import write_json
 
 ACTIONS = ("promote", "discard", "rollback", "prune")
 
 
-def _utc(now: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(now, dt.UTC)
-
-
 def promote(ws: Workspace, s: Session, version: ModelVersion, *, reason: str, now: float) -> None:
     """Make ``version`` current: catalog change, pointer swap; the caller's transaction then commits."""
-    catalog.promote_version(session=s, version=version, reason=reason, now=_utc(now))
+    catalog.promote_version(session=s, version=version, reason=reason, now=utc(now))
     swap_current(ws.models, version.version)
     catalog.log_event(
         session=s,
         kind="promoted",
         message=f"step {version.step.index}: {version.version} promoted ({reason})",
         step=version.step,
-        now=_utc(now),
+        now=utc(now),
     )
 
 
@@ -60,15 +55,15 @@ def _held_candidate(s: Session, target: str | None) -> ModelVersion:
             step = s.scalar(select(Step).where(Step.index == int(target)))
             if step is None:
                 raise OperatorError(f"no step {target} in the catalog; `ciss status` lists the steps")
-            versions = [v for v in step.versions if v.state == "candidate"]
+            versions = [v for v in step.versions if v.state == VersionState.CANDIDATE]
             if not versions:
                 raise OperatorError(f"step {target} is {step.state} and has no candidate model waiting")
             return versions[-1]
         return catalog.find_version(session=s, version=target)
-    held = list(s.scalars(select(Step).where(Step.state == "held").order_by(Step.index)))
+    held = list(s.scalars(select(Step).where(Step.state == StepState.HELD).order_by(Step.index)))
     if not held:
         raise OperatorError("no step is held for the operator; `ciss status` shows each step's state")
-    versions = [v for v in held[0].versions if v.state == "candidate"]
+    versions = [v for v in held[0].versions if v.state == VersionState.CANDIDATE]
     if not versions:
         raise OperatorError(f"step {held[0].index} is held but has no candidate model")
     return versions[-1]
@@ -78,7 +73,7 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
     """Carry out one operator action in the open transaction ``s``; returns what was done, in words."""
     if action == "promote":
         version = _held_candidate(s, target)
-        if version.step.state != "held":
+        if version.step.state != StepState.HELD:
             raise OperatorError(
                 f"step {version.step.index} is {version.step.state}; only a held step is promoted"
             )
@@ -91,13 +86,13 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
                 raise OperatorError(f"no step {target} in the catalog; `ciss status` lists the steps")
         else:
             step = _held_candidate(s, target).step
-        catalog.discard_step(session=s, step=step, reason="discarded by the operator", now=_utc(now))
+        catalog.discard_step(session=s, step=step, reason="discarded by the operator", now=utc(now))
         catalog.log_event(
             session=s,
             kind="discarded",
             message=f"step {step.index} discarded by the operator",
             step=step,
-            now=_utc(now),
+            now=utc(now),
         )
         return f"step {step.index} ({step.batch.name}) discarded; its classes may be taught again"
     if action == "rollback":
@@ -109,7 +104,7 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
                 f"model {version.version} was pruned (its folder is gone); "
                 "`ciss models` lists the models you can roll back to"
             )
-        steps = catalog.rollback_to(session=s, version=version, now=_utc(now))
+        steps = catalog.rollback_to(session=s, version=version, now=utc(now))
         swap_current(ws.models, version.version)
         names = ", ".join(c.name for st in steps for c in st.classes) or "none"
         catalog.log_event(
@@ -117,20 +112,14 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
             kind="rolled_back",
             level="warning",
             message=f"rolled back to {version.version}; untaught classes: {names}",
-            now=_utc(now),
+            now=utc(now),
         )
         return f"{version.version} is the current model again; classes no longer taught: {names}"
     if action == "prune":
         message = prune(s, target)
-        catalog.log_event(session=s, kind="pruned", message=message, now=_utc(now))
+        catalog.log_event(session=s, kind="pruned", message=message, now=utc(now))
         return message
     raise OperatorError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def apply_requests(
@@ -149,7 +138,7 @@ def apply_requests(
             answer = {"ok": False, "message": str(error)}
         except (ValueError, KeyError, OSError) as error:
             answer = {"ok": False, "message": f"unreadable request {path.name}: {error}"}
-        _write_json(path.with_suffix(".answer"), answer)
+        write_json(path.with_suffix(".answer"), answer)
         path.unlink(missing_ok=True)
 
 
@@ -166,7 +155,7 @@ def run_action(
     if systemd.daemon_alive(ws.lock_path):
         ws.requests.mkdir(exist_ok=True)
         request = ws.requests / f"{uuid.uuid4().hex}.json"
-        _write_json(request, {"action": action, "target": target})
+        write_json(request, {"action": action, "target": target})
         answer_path = request.with_suffix(".answer")
         deadline = time.monotonic() + timeout
         while not answer_path.exists():

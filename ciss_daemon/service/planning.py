@@ -16,18 +16,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon.catalog import records as catalog
-from ciss_daemon.catalog.tables import Batch, Job, Step
+from ciss_daemon.catalog.tables import Batch, Job, Step, StepState
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.service.worker import CANDIDATE
+from ciss_daemon.service.protocol import CANDIDATE, BatchSpec, JobRequest
 from ciss_daemon.settings import Settings
 
 
-def batch_ref(batch: Batch, ids: dict[str, int]) -> dict[str, Any]:
-    """One batch as the engine's ``BatchRef`` (JSON), its mask values mapped by class name to the model's
-    ids. Classes the model does not know (not yet taught, or taught after it) are background, as
-    docs/method.md masks unseen classes."""
+def batch_ref(batch: Batch, ids: dict[str, int]) -> BatchSpec:
+    """One batch as a job reads it, its mask values mapped by class name to the model's ids. Classes the
+    model does not know (not yet taught, or taught after it) are background, as docs/method.md masks unseen
+    classes."""
     value_map = {int(v): ids.get(name, 0) for v, name in batch.class_names.items()}
-    return {"name": batch.name, "folder": batch.store_path, "value_map": value_map, "kind": batch.kind}
+    return BatchSpec(batch.name, batch.store_path, value_map, batch.kind)
 
 
 def step_sizes(classes: list[tuple[int, str, int]]) -> list[int]:
@@ -44,17 +44,17 @@ def step_sizes(classes: list[tuple[int, str, int]]) -> list[int]:
 
 def lineage(s: Session, before: int) -> list[Step]:
     """The promoted steps before step index ``before``: the model's history."""
-    query = select(Step).where(Step.index < before, Step.state == "promoted").order_by(Step.index)
+    query = select(Step).where(Step.index < before, Step.state == StepState.PROMOTED).order_by(Step.index)
     return list(s.scalars(query))
 
 
-def eval_refs(s: Session, steps: list[Step], ids: dict[str, int]) -> list[dict[str, Any]]:
+def eval_refs(s: Session, steps: list[Step], ids: dict[str, int]) -> list[BatchSpec]:
     """Held-out data of ``steps`` and every evaluation batch."""
     evals = s.scalars(select(Batch).where(Batch.kind == "eval").order_by(Batch.id))
     return [batch_ref(st.batch, ids) for st in steps] + [batch_ref(b, ids) for b in evals]
 
 
-def build_request(s: Session, step: Step, job: Job, settings: Settings) -> dict[str, Any]:
+def build_request(s: Session, step: Step, job: Job, settings: Settings) -> JobRequest:
     """The worker's request.json: the step's data, every held-out set so far, the teacher, the settings.
 
     Build it in the same transaction that starts the job: the ids of a waiting step's classes may move
@@ -65,19 +65,20 @@ def build_request(s: Session, step: Step, job: Job, settings: Settings) -> dict[
     ids = {name: cid for cid, name, _ in classes}
     history = lineage(s, step.index)
     current = catalog.current_version(session=s)
-    return {
-        "step_index": len(sizes) - 1,
-        "step_sizes": sizes,
-        "class_names": {cid: name for cid, name, _ in classes},
-        "train_batches": [batch_ref(step.batch, ids)],
-        "eval_batches": eval_refs(s, [*history, step], ids),
-        "memory_batches": [batch_ref(p.batch, ids) for p in history],
-        "teacher_dir": current.path if current is not None and len(sizes) > 1 else None,
-        "workdir": job.workdir,
-        "output_dir": str(Path(job.workdir) / CANDIDATE),
-        "config": settings.engine.to_dict(),
-        "device": settings.daemon.device,
-    }
+    assert job.workdir is not None  # create_job gives every job its folder
+    return JobRequest(
+        step_index=len(sizes) - 1,
+        step_sizes=sizes,
+        class_names={cid: name for cid, name, _ in classes},
+        train_batches=[batch_ref(step.batch, ids)],
+        eval_batches=eval_refs(s, [*history, step], ids),
+        memory_batches=[batch_ref(p.batch, ids) for p in history],
+        teacher_dir=current.path if current is not None and len(sizes) > 1 else None,
+        workdir=job.workdir,
+        output_dir=str(Path(job.workdir) / CANDIDATE),
+        config=settings.engine.to_dict(),
+        device=settings.daemon.device,
+    )
 
 
 def training_window(expression: str) -> Any:
@@ -127,10 +128,7 @@ def evaluate_version(
     if folder is None:
         with factory() as s:
             refs = eval_refs(s, steps_teaching(s, list(names.values())), {n: i for i, n in names.items()})
-        batches = [
-            BatchRef(r["name"], Path(r["folder"]), {int(k): v for k, v in r["value_map"].items()}, r["kind"])
-            for r in refs
-        ]
+        batches = [BatchRef(r.name, Path(r.folder), r.value_map, r.kind) for r in refs]
     else:
         manifest = read_manifest(folder)
         ids = {n: i for i, n in names.items()}
@@ -183,7 +181,7 @@ def steps_teaching(s: Session, names: list[str]) -> list[Step]:
         for b in s.scalars(select(Batch).where(Batch.kind == "train"))
         # A failed or discarded step's batch may declare a name a later step taught: skip it.
         if b.step is not None
-        and b.step.state not in ("failed", "discarded")
+        and b.step.state not in (StepState.FAILED, StepState.DISCARDED)
         and wanted & set(b.class_names.values())
     ]
     return sorted(steps, key=lambda st: st.index)
@@ -217,9 +215,9 @@ def report_data(ws: Any, factory: sessionmaker[Session], *, samples: int = 4) ->
                 name: cid for cid, name, _ in catalog.class_map(session=s, upto_step=current.step.index)
             }
             for ref in eval_refs(s, steps_teaching(s, list(taught)), taught):
-                folder = Path(ref["folder"])
-                split = folder if ref["kind"] == "eval" else folder / "val"
-                value_map = {int(k): v for k, v in ref["value_map"].items()}
+                folder = Path(ref.folder)
+                split = folder if ref.kind == "eval" else folder / "val"
+                value_map = ref.value_map
                 for mask in sorted((split / "masks").glob("*.png"))[:samples]:
                     image = next((p for p in (split / "images").glob(f"{mask.stem}.*")), None)
                     if image is not None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.atomic import fsync_dir
+
 CURRENT = "current"
 
 
@@ -58,15 +60,6 @@ def gate(
     if not new >= new_miou_floor:
         return GateDecision(False, f"new-class mIoU {new:.3f} is below the floor {new_miou_floor:.3f}")
     return GateDecision(True, f"old-class mIoU {old:.3f} (current {old_now:.3f}), new-class mIoU {new:.3f}")
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries, making a rename into it durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def swap_current(models: Path, version: str) -> None:

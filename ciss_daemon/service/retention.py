@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ciss_daemon.catalog import records as catalog
-from ciss_daemon.catalog.tables import Job, ModelVersion, Step
+from ciss_daemon.catalog.tables import Job, JobState, ModelVersion, Step, StepState, VersionState
 from ciss_daemon.exceptions import OperatorError
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,7 +45,9 @@ def prune_checkpoints(s: Session, *, keep: int) -> Freed:
     finished = s.scalars(
         select(Job)
         .join(Step, Job.step_id == Step.id)
-        .where(Job.state.in_(("done", "failed", "cancelled")), Step.state != "held")
+        .where(
+            Job.state.in_((JobState.DONE, JobState.FAILED, JobState.CANCELLED)), Step.state != StepState.HELD
+        )
         .order_by(Job.finished_at.desc(), Job.id.desc())
     ).all()
     count = nbytes = 0
@@ -72,7 +74,7 @@ def rollback_targets(s: Session) -> list[ModelVersion]:
             .where(
                 ModelVersion.promoted_at.is_not(None),
                 ~ModelVersion.is_current,
-                Step.state == "promoted",
+                Step.state == StepState.PROMOTED,
                 Step.index < current.step.index,
             )
             .order_by(Step.index.desc())
@@ -88,7 +90,10 @@ def prune_models(s: Session, *, depth: int) -> tuple[Freed, list[str]]:
     count = nbytes = 0
     removed = []
     for version in s.scalars(select(ModelVersion).order_by(ModelVersion.id)):
-        waiting = version.state == "candidate" and version.step.state in ("evaluating", "held")
+        waiting = version.state == VersionState.CANDIDATE and version.step.state in (
+            StepState.EVALUATING,
+            StepState.HELD,
+        )
         folder = Path(version.path)
         if version.is_current or waiting or version.id in keep or not folder.is_dir():
             continue

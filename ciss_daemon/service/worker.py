@@ -2,13 +2,7 @@
 
 The daemon writes ``request.json`` into the job folder and starts this process; the worker trains the step
 with the engine, evaluates the candidate and the current model, and saves the candidate. It never touches
-the catalog (the daemon is its only writer); it talks back through files in the job folder:
-
-- ``progress.json``: phase, iteration, total, epoch, loss terms, images/s, ETA (rewritten atomically);
-- ``result.json``: metrics of the candidate and of the current model, file hashes, loss history;
-- ``error.txt``: one line saying what went wrong, when it fails.
-
-Exit codes: 0 done; 75 stopped on SIGTERM after writing a checkpoint (resume later); 1 failed (error.txt).
+the catalog (the daemon is its only writer); it talks back through the files of ``service/protocol.py``.
 A crash (killed, segfault) leaves neither result nor error; the daemon retries from the checkpoint.
 
 Under ``torch.distributed.run`` (``service/launch.py``) every rank runs this module: ``train.batch_size`` is
@@ -32,36 +26,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-EXIT_DONE = 0
-EXIT_FAILED = 1
-EXIT_STOPPED = 75  # EX_TEMPFAIL: try again later
-EXIT_RANK_LOST = 76  # several ranks: another rank died or hung; retried like a crash
+from ciss_daemon.service.protocol import (
+    ERROR,
+    EXIT,
+    EXIT_DONE,
+    EXIT_FAILED,
+    EXIT_RANK_LOST,
+    EXIT_STOPPED,
+    PROGRESS,
+    REQUEST,
+    RESULT,
+    BatchSpec,
+    JobRequest,
+    JobResult,
+)
+from engine.atomic import write_json
 
-REQUEST = "request.json"
-PROGRESS = "progress.json"
-RESULT = "result.json"
-ERROR = "error.txt"
-EXIT = "exit.json"
-CANDIDATE = "candidate"
 log = logging.getLogger("ciss.worker")
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file, fsync, rename) so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, allow_nan=False, default=_nan_to_none)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _nan_to_none(value: Any) -> Any:
-    raise TypeError(f"cannot store {type(value).__name__} in JSON")
 
 
 def _finite(value: float) -> float | None:
@@ -120,31 +101,26 @@ class ProgressWriter:
         )
 
 
-def request_from_json(data: dict[str, Any]) -> Any:
-    """Rebuild the engine's StepRequest from request.json."""
+def step_request(request: JobRequest) -> Any:
+    """The engine's StepRequest for a job's request."""
     from engine.config import EngineConfig
     from engine.runner import BatchRef, StepRequest
 
-    def refs(items: list[dict[str, Any]]) -> list[BatchRef]:
-        return [
-            BatchRef(
-                r["name"], Path(r["folder"]), {int(k): int(v) for k, v in r["value_map"].items()}, r["kind"]
-            )
-            for r in items
-        ]
+    def refs(specs: list[BatchSpec]) -> list[BatchRef]:
+        return [BatchRef(spec.name, Path(spec.folder), spec.value_map, spec.kind) for spec in specs]
 
     return StepRequest(
-        step_index=data["step_index"],
-        step_sizes=list(data["step_sizes"]),
-        class_names={int(k): v for k, v in data["class_names"].items()},
-        train_batches=refs(data["train_batches"]),
-        eval_batches=refs(data["eval_batches"]),
-        memory_batches=refs(data.get("memory_batches", [])),
-        teacher_dir=Path(data["teacher_dir"]) if data.get("teacher_dir") else None,
-        workdir=Path(data["workdir"]),
-        output_dir=Path(data["output_dir"]),
-        config=EngineConfig.from_dict(data["config"]),
-        device=data.get("device", "auto"),
+        step_index=request.step_index,
+        step_sizes=list(request.step_sizes),
+        class_names=dict(request.class_names),
+        train_batches=refs(request.train_batches),
+        eval_batches=refs(request.eval_batches),
+        memory_batches=refs(request.memory_batches),
+        teacher_dir=Path(request.teacher_dir) if request.teacher_dir else None,
+        workdir=Path(request.workdir),
+        output_dir=Path(request.output_dir),
+        config=EngineConfig.from_dict(request.config),
+        device=request.device,
     )
 
 
@@ -172,9 +148,9 @@ def run(job_dir: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code, reason = EXIT_FAILED, None
     try:
-        data = json.loads((job_dir / REQUEST).read_text(encoding="utf-8"))
-        should_stop = _join_ranks(data, world, local_stop) if world > 1 else local_stop
-        code = _train(job_dir, data, progress, should_stop, write=rank == 0)
+        job = JobRequest.from_json(json.loads((job_dir / REQUEST).read_text(encoding="utf-8")))
+        should_stop = _join_ranks(job, world, local_stop) if world > 1 else local_stop
+        code = _train(job_dir, job, progress, should_stop, write=rank == 0)
     except KeyboardInterrupt:
         code = EXIT_STOPPED
     except Exception as error:  # every failure becomes one line for the catalog
@@ -197,17 +173,17 @@ def run(job_dir: Path) -> int:
 
 def _train(
     job_dir: Path,
-    data: dict[str, Any],
+    job: JobRequest,
     progress: ProgressWriter,
     should_stop: Callable[[], bool],
     *,
     write: bool,
 ) -> int:
-    """Train, evaluate and (``write``: rank 0) save the step of ``data``; returns the exit code."""
+    """Train, evaluate and (``write``: rank 0) save the step of ``job``; returns the exit code."""
     from engine.runner import eval_groups, evaluate_model, load_model, resolve_device, run_step
     from engine.train import new_class_ids
 
-    request = request_from_json(data)
+    request = step_request(job)
     progress.phase("starting")
     result = run_step(request, progress=progress, should_stop=should_stop)
     if not result.finished:
@@ -230,17 +206,15 @@ def _train(
         )
     assert result.metrics is not None
     if write:
-        write_json(
-            job_dir / RESULT,
-            {
-                "step_index": request.step_index,
-                "metrics": result.metrics.to_dict(),
-                "current_metrics": current.to_dict() if current else None,
-                "files": result.files,
-                "history": result.history,
-                "train_images": result.train_images,
-            },
+        answer = JobResult(
+            step_index=request.step_index,
+            metrics=result.metrics.to_dict(),
+            current_metrics=current.to_dict() if current else None,
+            files=result.files,
+            history=result.history,
+            train_images=result.train_images,
         )
+        write_json(job_dir / RESULT, answer.to_json())
     progress.phase("done")
     return EXIT_DONE
 
@@ -266,30 +240,30 @@ def _watch_daemon(parent: int, *, launched: bool) -> Callable[[], bool]:
     return gone
 
 
-def _join_ranks(data: dict[str, Any], world: int, local_stop: Callable[[], bool]) -> Callable[[], bool]:
+def _join_ranks(job: JobRequest, world: int, local_stop: Callable[[], bool]) -> Callable[[], bool]:
     """Join the other ranks: split the batch, pick this rank's device; returns the agreed stop test.
 
-    ``data`` (request.json) is changed in place: per-rank ``train.batch_size`` and ``device``.
+    ``job`` is changed in place: per-rank ``train.batch_size`` and ``device``.
     """
     import torch
     import torch.distributed as dist
 
     from engine.exceptions import ConfigError
 
-    total = int(data["config"]["train"]["batch_size"])
+    total = int(job.config["train"]["batch_size"])
     if total % world:
         raise ConfigError(
             f"train.batch_size: {total} does not split evenly over {world} training processes; "
             f"use a multiple of {world}"
         )
-    data["config"]["train"]["batch_size"] = total // world
+    job.config["train"]["batch_size"] = total // world
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = data.get("device") != "cpu" and torch.cuda.is_available()
+    cuda = job.device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
-        data["device"] = f"cuda:{local}"
+        job.device = f"cuda:{local}"
     else:
-        data["device"] = "cpu"
+        job.device = "cpu"
     timeout = float(os.environ.get("CISS_RANK_TIMEOUT", "300"))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=dt.timedelta(seconds=timeout))
     flag_device = torch.device("cuda", local) if cuda else torch.device("cpu")

@@ -17,7 +17,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import status
 from ciss_daemon.catalog import records as catalog
-from ciss_daemon.catalog.tables import Batch, Class, Event, Job, ModelVersion, Rejection, Step
+from ciss_daemon.catalog.tables import (
+    Batch,
+    Class,
+    Event,
+    Job,
+    JobState,
+    ModelVersion,
+    Rejection,
+    Step,
+    StepState,
+)
 from ciss_daemon.service.jobs import read_json
 from ciss_daemon.service.worker import PROGRESS
 from ciss_daemon.settings import Settings
@@ -50,7 +60,7 @@ def running(ws: Workspace, s: Session) -> dict[str, Any] | None:
         select(Job, Step.index, Batch.name)
         .join(Step, Job.step_id == Step.id)
         .join(Batch, Step.batch_id == Batch.id)
-        .where(Job.state == "running")
+        .where(Job.state == JobState.RUNNING)
         .order_by(Job.id)
         .limit(1)
     ).first()
@@ -135,7 +145,11 @@ def _lineage(s: Session, current_step: int) -> tuple[list[dict[str, Any]], int]:
         .join(ModelVersion, ModelVersion.step_id == Step.id)
         .join(Batch, Step.batch_id == Batch.id)
         # a promoted step has one version that was promoted (retired since, or current)
-        .where(Step.state == "promoted", Step.index <= current_step, ModelVersion.promoted_at.is_not(None))
+        .where(
+            Step.state == StepState.PROMOTED,
+            Step.index <= current_step,
+            ModelVersion.promoted_at.is_not(None),
+        )
     )
     total = s.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = [
@@ -208,13 +222,13 @@ def _charts(s: Session, steps: list[dict[str, Any]], known: dict[int, VersionMet
         shown_note = f"the {HEATMAP_CLASSES} classes that lost the most IoU since their first score here"
     names = {cid: name for cid, name in s.execute(select(Class.id, Class.name).where(Class.id.in_(ids)))}
     # rows: classes, columns: steps of the window; None where a class was not scored
-    values = [[_round(iou.get(str(cid))) for iou in iou_columns] for cid in ids]
+    heat = [[_round(iou.get(str(cid))) for iou in iou_columns] for cid in ids]
     ordered = _loss_order(losses)
     return {
         "steps": labels,
         "first_step": first,
         "miou": miou,
-        "heatmap": {"classes": [_name(names, cid) for cid in ids], "values": values, "note": shown_note},
+        "heatmap": {"classes": [_name(names, cid) for cid in ids], "values": heat, "note": shown_note},
         "loss": {"labels": loss_labels, "terms": {k: losses[k] for k in ordered}},
     }
 

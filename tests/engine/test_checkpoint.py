@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from engine import checkpoint
+from engine.atomic import write_bytes
 from engine.checkpoint import (
     META_FILE,
     MODEL_FILE,
-    atomic_write_bytes,
     file_sha256,
     load_checkpoint,
     load_model_files,
@@ -62,8 +62,8 @@ def _no_temp_files(directory: Path) -> bool:
 
 def test_atomic_write_replaces_content_and_leaves_no_temp_file(tmp_path: Path) -> None:
     target = tmp_path / "file.bin"
-    atomic_write_bytes(target, b"old")
-    atomic_write_bytes(target, b"new")
+    write_bytes(target, b"old")
+    write_bytes(target, b"new")
     assert target.read_bytes() == b"new"
     assert _no_temp_files(tmp_path)
 
@@ -77,7 +77,7 @@ def test_atomic_write_failing_midway_keeps_old_file(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr(checkpoint.os, "replace", crash)
     with pytest.raises(OSError, match="disk gone"):
-        atomic_write_bytes(target, b"new")
+        write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert _no_temp_files(tmp_path)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_status import add_steps, runner
-from test_visualize import _noise, _save_model
+from model_helpers import _noise, _save_model
+from status_helpers import add_steps, runner
 
 from ciss_daemon.cli import app
 from ciss_daemon.service.promotion import swap_current

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from test_status import add_steps, factory_of, runner
+from status_helpers import add_steps, factory_of, runner
 from typer.testing import Result
 
 from ciss_daemon import status

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ciss_daemon.batch.inbox import REJECTION_REPORT, submit_folder
+from ciss_daemon.service.training import fail_job
 from ciss_daemon.workspace import Workspace
 
 NEVER = "0 0 29 2 *"  # a training window that opens only at 00:00 on 29 February
@@ -107,7 +108,7 @@ def test_a_failed_steps_batch_can_be_submitted_again(daemon, ws: Workspace, cloc
     with daemon.session() as s:  # the step fails for good (e.g. its attempts ran out on a full disk)
         job = s.scalar(select(Job))
         catalog.start_job(session=s, job=job, pid=1)
-        daemon.fail_job(s, job, "disk full", clock.now)
+        fail_job(s, job, "disk full", now=clock.now)
     submit_folder(source, ws.inbox)
     settle(daemon, clock)
     assert accepted_names(ws) == ["b000", "b000"]

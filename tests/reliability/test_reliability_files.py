@@ -1,10 +1,10 @@
 """Hostile and failing files: malicious pickles in place of checkpoints and models, a disk that fills up.
 
-A pickle can run any code when it is loaded, so nothing loads one it did not write: checkpoints are read
-with ``torch.load(weights_only=True)`` (even when TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD asks otherwise) and
-models are safetensors checked against their recorded hash. A full disk is simulated by raising
-ENOSPC from ``os`` calls, in-process or in the training child (tests/faults): the error is recorded, the
-previous checkpoint and the current model stay whole, and the daemon carries on.
+A pickle can run any code when it is loaded, so nothing loads one it did not write: checkpoints are read with
+``torch.load(weights_only=True)`` (even when TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD asks otherwise) and models are
+safetensors checked against their recorded hash. A full disk is simulated by raising ENOSPC from ``os`` calls,
+in-process or in the training child (tests/helpers/faults): the error is recorded, the previous checkpoint and
+the current model stay whole, and the daemon carries on.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import ciss_daemon.service.daemon as daemon_module
 from ciss_daemon.batch.inbox import submit_folder
 from ciss_daemon.service import promotion
 from ciss_daemon.service.jobs import Outcome, TrainingProcess
+from ciss_daemon.service.protocol import JobRequest, JobResult
 from ciss_daemon.settings import load_settings
 from ciss_daemon.workspace import Workspace
 from engine.checkpoint import META_FILE, MODEL_FILE, load_checkpoint, load_model_files
@@ -73,29 +74,25 @@ def _tiny_model(settings_config: EngineConfig, step_sizes: list[int]) -> Any:
 class FakeTraining:
     """Stands in for the training child: a real (untrained) candidate model is written at once."""
 
-    def __init__(self, job_dir: Path, result: dict[str, Any]) -> None:
+    def __init__(self, job_dir: Path, result: JobResult) -> None:
         self.job_dir = job_dir
         self.result = result
         self.pid = os.getpid()
 
     @classmethod
-    def start(cls, job_dir: Path, request: dict[str, Any], launch: object = None) -> FakeTraining:
-        config = EngineConfig.from_dict(request["config"])
-        model = _tiny_model(config, request["step_sizes"])
-        names = {int(k): v for k, v in request["class_names"].items()}
+    def start(cls, job_dir: Path, request: JobRequest, launch: object = None) -> FakeTraining:
+        config = EngineConfig.from_dict(request.config)
+        model = _tiny_model(config, request.step_sizes)
         files = save_trained_model(
-            model, job_dir / "candidate", config=config, class_names=names, step_index=request["step_index"]
+            model,
+            job_dir / "candidate",
+            config=config,
+            class_names=request.class_names,
+            step_index=request.step_index,
         )
         metrics = {"miou_all": 0.5, "miou_old": 0.5, "miou_new": 0.5, "hiou": 0.5, "iou": {}}
-        result = {
-            "step_index": request["step_index"],
-            "metrics": metrics,
-            "current_metrics": metrics if request["step_index"] else None,
-            "files": files,
-            "history": [],
-            "train_images": 1,
-        }
-        return cls(job_dir, result)
+        current = metrics if request.step_index else None
+        return cls(job_dir, JobResult(request.step_index, metrics, current, files, train_images=1))
 
     def poll(self) -> Outcome:
         return Outcome("done", result=self.result)
@@ -324,7 +321,8 @@ def test_a_full_disk_during_a_checkpoint_fails_the_step_and_keeps_the_previous_c
 def test_a_full_disk_while_writing_progress_does_not_stop_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from ciss_daemon.service.worker import PROGRESS, ProgressWriter
+    from ciss_daemon.service.protocol import PROGRESS
+    from ciss_daemon.service.worker import ProgressWriter
 
     writer = ProgressWriter(tmp_path / PROGRESS)
     writer.phase("starting")

@@ -25,7 +25,7 @@ from ciss_daemon.web import samples
 from ciss_daemon.web.app import create_app, safe_file
 from ciss_daemon.workspace import Workspace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def client(ws: Workspace) -> TestClient:

@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import RandomSegmentation, base_and_student, tiny_config
 from torch import Tensor, nn
+from train_helpers import RandomSegmentation, base_and_student, tiny_config
 
 from engine.config import EngineConfig, ModelConfig, TrainConfig
 from engine.fast import (

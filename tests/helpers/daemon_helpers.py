@@ -2,7 +2,7 @@
 
 Import as `from daemon_helpers import ...` (pytest puts tests/ on sys.path). Real daemons run as
 `python -m ciss_daemon.cli daemon` with tiny settings; `FAULTS_DIR` holds a `sitecustomize` that injects
-pauses or ENOSPC into chosen file operations of those processes (see tests/faults/sitecustomize.py).
+pauses or ENOSPC into chosen file operations of those processes (see tests/helpers/faults/sitecustomize.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ciss_daemon.catalog.connection import upgrade_catalog
 from ciss_daemon.settings import load_settings
 from ciss_daemon.workspace import Workspace, init_workspace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
 
 SETTINGS = """\
@@ -176,7 +176,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 240) -> 
 
 
 class DaemonProcess:
-    """`ciss daemon` as a child process; ``faults`` (rules for tests/faults) are passed in its environment."""
+    """`ciss daemon` as a child process; ``faults`` (rules for tests/helpers/faults) go in its environment."""
 
     def __init__(
         self,

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 from daemon_helpers import FakeClock, in_process_daemon, new_workspace, settings_text
+from sqlalchemy.orm import Session
 
 from ciss_daemon.catalog import connection
 from ciss_daemon.catalog import records as catalog
 from ciss_daemon.catalog.tables import Job
 from ciss_daemon.service.jobs import TrainingProcess
+from ciss_daemon.workspace import Workspace
 
 # A child that ignores SIGTERM while it writes a checkpoint's temporary file, as a slow iteration would.
 STUBBORN = """
@@ -29,6 +31,25 @@ REASON = (
     "training did not checkpoint within daemon.stop_timeout_seconds (0.5 s) and was killed "
     "(raise the timeout above the time of one iteration)"
 )
+
+
+def running_job(s: Session, ws: Workspace) -> Job:
+    """The job of step 0, started as pid 1 (a stand-in: no process runs)."""
+    batch = catalog.record_batch(
+        session=s,
+        name="b",
+        kind="train",
+        sha256=hashlib.sha256(b"b").hexdigest(),
+        store_path=ws.store / "b",
+        class_names={1: "bike"},
+        n_train=2,
+        n_val=0,
+    )
+    job = catalog.create_job(
+        session=s, step=catalog.create_step(session=s, batch=batch), max_attempts=3, jobs_dir=ws.jobs
+    )
+    catalog.start_job(session=s, job=job, pid=1)
+    return job
 
 
 def stubborn_child(job_dir: Path) -> TrainingProcess:
@@ -53,19 +74,7 @@ def test_the_daemon_logs_the_timeout_and_puts_it_in_the_steps_note(
     ws = new_workspace(tmp_path / "ws", settings_text(daemon__stop_timeout_seconds=0.5))
     daemon = in_process_daemon(ws, FakeClock())
     with connection.transaction(daemon.factory) as s:
-        batch = catalog.record_batch(
-            session=s,
-            name="b",
-            kind="train",
-            sha256=hashlib.sha256(b"b").hexdigest(),
-            store_path=ws.store / "b",
-            class_names={1: "bike"},
-            n_train=2,
-            n_val=0,
-        )
-        step = catalog.create_step(session=s, batch=batch)
-        job = catalog.create_job(session=s, step=step, max_attempts=3, jobs_dir=ws.jobs)
-        catalog.start_job(session=s, job=job, pid=1)
+        job = running_job(s, ws)
         job_id, job_dir = job.id, Path(job.workdir)
     daemon.process, daemon.process_job_id = stubborn_child(job_dir), job_id
     with caplog.at_level(logging.WARNING, logger="ciss.daemon"):
@@ -84,20 +93,7 @@ def test_an_iteration_longer_than_the_stop_timeout_is_warned_once(
     daemon = in_process_daemon(ws, FakeClock())
     try:
         with connection.transaction(daemon.factory) as s:
-            batch = catalog.record_batch(
-                session=s,
-                name="b",
-                kind="train",
-                sha256=hashlib.sha256(b"b").hexdigest(),
-                store_path=ws.store / "b",
-                class_names={1: "bike"},
-                n_train=2,
-                n_val=0,
-            )
-            job = catalog.create_job(
-                session=s, step=catalog.create_step(session=s, batch=batch), max_attempts=3, jobs_dir=ws.jobs
-            )
-            catalog.start_job(session=s, job=job, pid=1)
+            job = running_job(s, ws)
             with caplog.at_level(logging.WARNING, logger="ciss.daemon"):
                 for _ in range(2):  # batch 4 at 0.04 images/s: 100 s per iteration
                     daemon.warn_if_stop_would_kill(s, job, {"images_per_second": 0.04}, 0.0)
@@ -115,26 +111,14 @@ def test_a_resumed_attempt_is_logged_with_its_iteration(
 ) -> None:
     from types import SimpleNamespace
 
-    from ciss_daemon.service.worker import PROGRESS, ProgressWriter
+    from ciss_daemon.service.protocol import PROGRESS
+    from ciss_daemon.service.worker import ProgressWriter
 
     ws = new_workspace(tmp_path / "ws", settings_text())
     daemon = in_process_daemon(ws, FakeClock())
     try:
         with connection.transaction(daemon.factory) as s:
-            batch = catalog.record_batch(
-                session=s,
-                name="b",
-                kind="train",
-                sha256=hashlib.sha256(b"b").hexdigest(),
-                store_path=ws.store / "b",
-                class_names={1: "bike"},
-                n_train=2,
-                n_val=0,
-            )
-            job = catalog.create_job(
-                session=s, step=catalog.create_step(session=s, batch=batch), max_attempts=3, jobs_dir=ws.jobs
-            )
-            catalog.start_job(session=s, job=job, pid=1)
+            job = running_job(s, ws)
             job_id, job_dir = job.id, Path(job.workdir)
         job_dir.mkdir(parents=True, exist_ok=True)
         writer = ProgressWriter(job_dir / PROGRESS)

@@ -17,24 +17,15 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.dashboard import (  # one browser set-up for the tests and the benchmark
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+)
 from ciss_daemon.workspace import Workspace
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 needs_chromium = [
     pytest.mark.browser,

@@ -5,7 +5,7 @@ A reader of ``models/current`` resolves the link once and reads every file from 
 hash in model.json), so a promotion between two reads can never mix two models. `ciss status` reads the
 catalog only; in WAL mode it never waits for the daemon, and it works for a user who cannot write the
 workspace, whether the daemon runs or not. The status test runs on both catalog backends, SQLite and
-PostgreSQL (tests/postgres.py).
+PostgreSQL (tests/helpers/postgres.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ciss_daemon.service.promotion import resolve_current, swap_current
 from engine.checkpoint import load_model_files, save_model
 from engine.exceptions import CheckpointError
 
-STATUS_LOOP = Path(__file__).resolve().parent / "status_loop.py"
+STATUS_LOOP = Path(__file__).resolve().parents[1] / "helpers" / "status_loop.py"
 
 _SWAPPER = """
 import sys, time

@@ -7,20 +7,23 @@ from pathlib import Path
 
 import pytest
 from batchmaker import make_batch
+from daemon_helpers import FakeClock, in_process_daemon, inbox_names, new_workspace, settings_text
+from sqlalchemy import select
 
 from ciss_daemon.batch.inbox import (
     STAGING,
     SUBMITTED_MARKER,
     CompletenessTracker,
     InboxWatcher,
-    accept_folder,
+    archive_folder,
     candidate_folders,
     folder_signature,
     reject_folder,
-    scan_inbox,
+    store_folder,
     submit_folder,
 )
 from ciss_daemon.batch.validation import Problem, validate_batch
+from ciss_daemon.catalog.tables import Batch, Step
 from ciss_daemon.exceptions import SubmitError, WorkspaceError
 
 NOW = datetime(2026, 11, 25, 10, 15, 0, tzinfo=UTC)
@@ -92,16 +95,24 @@ def test_candidates_skip_hidden_folders_and_files(tmp_path: Path) -> None:
         candidate_folders(tmp_path / "nowhere")
 
 
-def test_scan_returns_complete_folders_sorted(tmp_path: Path) -> None:
-    inbox = tmp_path / "inbox"
-    make_batch(inbox, "zebras")
-    make_batch(inbox, "apples")
-    half = make_batch(inbox, "half")
+def test_the_daemons_scan_ingests_complete_folders_in_name_order(tmp_path: Path) -> None:
+    ws = new_workspace(tmp_path / "ws", settings_text(daemon__settle_seconds=2))
+    make_batch(ws.inbox, "zebras", classes={1: "zebra"})
+    make_batch(ws.inbox, "apples", classes={1: "apple"})
+    half = make_batch(ws.inbox, "half", classes={1: "pear"})
     (half / "batch.toml").unlink()
-    make_batch(inbox / STAGING, "in-flight")
-    tracker = CompletenessTracker(settle_seconds=2)
-    assert scan_inbox(inbox, tracker, now=0.0) == []
-    assert scan_inbox(inbox, tracker, now=2.0) == [inbox / "apples", inbox / "zebras"]
+    make_batch(ws.inbox / STAGING, "in-flight", classes={1: "plum"})
+    daemon = in_process_daemon(ws, FakeClock(0.0))
+    try:
+        daemon.scan_inbox(0.0)
+        assert inbox_names(ws) == ["apples", "half", "zebras"]  # nothing settled yet
+        daemon.scan_inbox(2.0)
+        assert inbox_names(ws) == ["half"]
+        with daemon.factory() as s:
+            steps = s.execute(select(Step.index, Batch.name).join(Batch).order_by(Step.index)).all()
+        assert [tuple(row) for row in steps] == [(0, "apples"), (1, "zebras")]
+    finally:
+        daemon.shutdown()
 
 
 def test_submit_copies_through_staging_and_renames_in(tmp_path: Path) -> None:
@@ -157,12 +168,18 @@ def test_submit_cleans_staging_when_the_copy_fails(tmp_path: Path) -> None:
     assert list((inbox / STAGING).iterdir()) == []
 
 
+def accept(folder: Path, *, store: Path, archive: Path, sha256: str, now: datetime) -> tuple[Path, Path]:
+    """What the daemon does with an accepted folder: a copy in the store, then the original archived."""
+    stored = store_folder(folder, store=store, sha256=sha256)
+    return stored, archive_folder(folder, archive=archive, now=now)
+
+
 def test_accept_copies_to_store_and_archives_the_original(tmp_path: Path) -> None:
     inbox, store, archive = tmp_path / "inbox", tmp_path / "store", tmp_path / "archive"
     folder = make_batch(inbox, "bikes")
     original = tree_bytes(folder)
     sha = validate_batch(folder).batch.sha256
-    stored, archived = accept_folder(folder, store=store, archive=archive, sha256=sha, now=NOW)
+    stored, archived = accept(folder, store=store, archive=archive, sha256=sha, now=NOW)
     assert stored == store / f"bikes-{sha[:8]}"
     assert archived == archive / "bikes-20261125T101500Z"
     assert not folder.exists()
@@ -172,7 +189,7 @@ def test_accept_copies_to_store_and_archives_the_original(tmp_path: Path) -> Non
     assert sorted(path.name for path in store.iterdir()) == [stored.name]  # no temporary copy left
 
     again = make_batch(inbox, "bikes")  # the same name and content once more, in the same second
-    stored_again, archived_again = accept_folder(again, store=store, archive=archive, sha256=sha, now=NOW)
+    stored_again, archived_again = accept(again, store=store, archive=archive, sha256=sha, now=NOW)
     assert stored_again == store / f"bikes-{sha[:8]}-2"
     assert archived_again == archive / "bikes-20261125T101500Z-2"
     assert tree_bytes(stored) == original  # the first copy is never overwritten

@@ -2,7 +2,7 @@
 
 The slow tests run the real `ciss daemon` on a temporary workspace with a tiny model. Moments that are
 too short to hit by chance (inside a checkpoint write, between the pointer swap and the catalog commit,
-between copying a batch and recording it) are widened by tests/faults: the process pauses there and
+between copying a batch and recording it) are widened by tests/helpers/faults: the process pauses there and
 the test kills it with SIGKILL, as a power cut or the OOM killer would. The kill -9 test runs on both
 catalog backends, SQLite and PostgreSQL. After every kill the workspace
 is checked as the crash left it, then again after a restart's recovery (``Daemon.start``), with
