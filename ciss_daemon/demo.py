@@ -82,6 +82,7 @@ def run_demo(
     directory: Path, *, incremental: int = 2, quick: bool = False, console: Console | None = None
 ) -> None:
     """Run the demo in ``directory`` (which must not exist yet, or be empty)."""
+    from engine.experiment import pretrain_with_progress
     from engine.synthetic import generate_batches
 
     console = console or Console()
@@ -107,8 +108,7 @@ def run_demo(
     broken = _broken_copy(train_batches[0], directory / "data" / "shapes-broken")
     ws = init_workspace(directory / "workspace", settings_text=p.settings)
     settings = load_settings(ws.settings_path)
-    if settings.engine.model.pretrained == "synthetic":
-        _pretrain(settings.engine.model.backbone, settings.engine.model.output_stride, console)
+    pretrain_with_progress(settings.engine.model, console)
     log_path = ws.root / "daemon.log"
     with open(log_path, "ab") as log:
         daemon = subprocess.Popen(
@@ -152,29 +152,6 @@ def run_demo(
     console.print(f"  rejected batch:    {ws.rejected}  (REJECTED.txt says why)")
     console.print(f"  status:            ciss status -w {ws.root}")
     console.print(f"  daemon log:        {log_path}")
-
-
-def _pretrain(backbone: str, output_stride: int, console: Console) -> None:
-    """Train the backbone pre-trained on generated classes now, with a progress bar, unless it is cached."""
-    from engine.pretrain import backbone_file, cache_dir, synthetic_backbone
-
-    if backbone_file(backbone, output_stride, cache_dir()).is_file():
-        return
-    with Progress(
-        TextColumn("  pre-training the backbone on generated classes (once; cached)"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} it"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("pretrain", total=None)
-        path = synthetic_backbone(
-            backbone,
-            output_stride,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
-    console.print(f"pre-trained a {backbone} backbone on generated classes: {path}")
 
 
 def _broken_copy(source: Path, target: Path) -> Path:

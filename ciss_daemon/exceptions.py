@@ -31,3 +31,7 @@ class DaemonRunningError(CissError):
 
 class OperatorError(CissError):
     """An operator command (promote, discard, rollback) does not apply to the catalog's current state."""
+
+
+class ClusterError(CissError):
+    """The Ray cluster of ``daemon.launcher = "ray"`` cannot be used: Ray is missing or the head is down."""

@@ -21,6 +21,10 @@ from engine.config import EngineConfig, section_from_dict
 from engine.exceptions import ConfigError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LAUNCHERS = ("local", "ray")
+RAY_PLACEMENTS = ("pack", "spread", "strict_spread")
+# [ray] address: "auto" (the cluster this machine belongs to) or host:port of the head's GCS.
+_RAY_ADDRESS = re.compile(r"auto|[A-Za-z0-9.\-]+:\d{1,5}|\[[0-9A-Fa-f:]+\]:\d{1,5}")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # daemon.gpus as stored: "all", a count ("2"), or a JSON list of indices ("[0,1]"); see parse_settings.
 _GPUS = re.compile(r"all|[1-9]\d*|\[\d+(,\d+)*\]")
@@ -66,6 +70,8 @@ class DaemonSettings:
     gpus: str = "all"
     cpu_ranks: int = 1
     rank_timeout_seconds: float = 300.0
+    # "local": this box (see above); "ray": the Ray cluster of the [ray] section (service/ray_launch.py).
+    launcher: str = "local"
 
     def __post_init__(self) -> None:
         _at_least("daemon", "settle_seconds", self.settle_seconds, 0)
@@ -88,6 +94,8 @@ class DaemonSettings:
             )
         _at_least("daemon", "cpu_ranks", self.cpu_ranks, 1)
         _above("daemon", "rank_timeout_seconds", self.rank_timeout_seconds, 0)
+        if self.launcher not in LAUNCHERS:
+            raise SettingsError(f"daemon.launcher: {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
 
     def gpu_request(self) -> str | int | list[int]:
         """``daemon.gpus`` as written in ciss.toml: "all", a count, or a list of GPU indices."""
@@ -150,6 +158,36 @@ class CatalogSettings:
             )
 
 
+@dataclass(frozen=True)
+class RaySettings:
+    """The Ray cluster that trains each step when ``daemon.launcher = "ray"`` (``service/ray_launch.py``).
+
+    A step trains on ``workers`` Ray actors, each with ``gpus_per_worker`` GPUs (one training process per
+    GPU; 0: one process on the CPU, gloo) and ``cpus_per_worker`` CPUs.
+    """
+
+    address: str = "auto"
+    workers: int = 1
+    gpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0
+    placement: str = "pack"
+    start_timeout_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not _RAY_ADDRESS.fullmatch(self.address):
+            raise SettingsError(
+                f'ray.address: {self.address!r} is not "auto" or the head\'s host:port, e.g. "10.0.0.1:6379"'
+            )
+        _at_least("ray", "workers", self.workers, 1)
+        _at_least("ray", "gpus_per_worker", self.gpus_per_worker, 0)
+        _above("ray", "cpus_per_worker", self.cpus_per_worker, 0)
+        if self.placement not in RAY_PLACEMENTS:
+            raise SettingsError(
+                f"ray.placement: {self.placement!r} is not one of {', '.join(RAY_PLACEMENTS)}"
+            )
+        _above("ray", "start_timeout_seconds", self.start_timeout_seconds, 0)
+
+
 NOTIFY_EVENTS = ("promoted", "held", "failed", "rejected")
 
 
@@ -206,6 +244,7 @@ class Settings:
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     web: WebSettings = field(default_factory=WebSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
+    ray: RaySettings = field(default_factory=RaySettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -216,6 +255,7 @@ _DAEMON_SECTIONS: dict[str, type] = {
     "catalog": CatalogSettings,
     "web": WebSettings,
     "notify": NotifySettings,
+    "ray": RaySettings,
 }
 _ENGINE_SECTIONS = ("model", "loss", "train")
 SECTIONS = (*_DAEMON_SECTIONS, *_ENGINE_SECTIONS)
@@ -289,6 +329,8 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "cpu_ranks": "Training processes when the device is the CPU (gloo); 1 = one plain process.",
         "rank_timeout_seconds": "Seconds the training processes of one step wait for each other before "
         "the attempt ends (a rank that died or hangs).",
+        "launcher": '"local": train on this box; "ray": on the Ray cluster of [ray] '
+        "(pip install 'ciss[ray]').",
     },
     "gate": {
         "old_miou_budget": "Old-class mIoU (0..1) may fall at most this much below the current model's.",
@@ -316,6 +358,16 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "timeout_seconds": "Seconds one POST may take.",
         "retries": "Further tries after a failed POST.",
         "retry_seconds": "Seconds before the first retry; doubled before each next one.",
+    },
+    "ray": {
+        "address": 'The Ray head as host:port (e.g. "10.0.0.1:6379"), or "auto": the cluster this box '
+        "joined.",
+        "workers": "Ray workers (actors) that train each step; their nodes must share the workspace.",
+        "gpus_per_worker": "GPUs of each worker, one training process per GPU; 0 = one CPU process (gloo).",
+        "cpus_per_worker": "CPUs Ray reserves for each worker.",
+        "placement": "pack (fewest nodes), spread (many nodes) or strict_spread (one worker per node).",
+        "start_timeout_seconds": "Seconds to wait for the cluster to have room for every worker before the "
+        "attempt ends.",
     },
     "model": {
         "backbone": "One of resnet101, resnet50, resnet18, mobilenet_v3_large.",
@@ -391,6 +443,7 @@ def settings_toml(defaults: Settings, *, profile: str = "") -> str:
         "catalog": defaults.catalog,
         "web": defaults.web,
         "notify": defaults.notify,
+        "ray": defaults.ray,
         "model": defaults.engine.model,
         "loss": defaults.engine.loss,
         "train": defaults.engine.train,

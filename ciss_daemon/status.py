@@ -137,6 +137,10 @@ def render(data: dict[str, Any], ws: Workspace) -> Group:
             )
         if (p.get("ranks") or 1) > 1:
             line += f", on {p['ranks']} processes"
+        cluster = p.get("cluster") or {}
+        if cluster.get("launcher") == "ray":
+            nodes = ", ".join(cluster.get("nodes") or []) or "?"
+            line += f", on the Ray cluster at {cluster.get('address')} (nodes {nodes})"
         parts.append(Text(line, style="cyan"))
 
     steps = data["steps"]

@@ -34,7 +34,7 @@ from engine.fast import (  # GPU fast paths (issue: GPU speed and scale)
     default_fast_paths,
     device_batches,
 )
-from engine.losses import ac_loss, dkd_loss, kd_loss, mbce_loss, weighted_total
+from engine.losses import ac_loss, dkd_loss, kd_loss, mbce_loss, target_entropy, weighted_total
 from engine.model import DKDSegmenter, SegOutput, upsample
 
 CHECKPOINT_FORMAT = 1
@@ -160,8 +160,12 @@ def loss_terms(
     pos_weight: float,
     config: EngineConfig,
     fast: FastPaths | None = None,
+    floors: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Every loss term of docs/method.md for one batch; the weighted total is ``losses.weighted_total``.
+
+    When ``floors`` is given it receives each distillation term's floor (``losses.target_entropy``), so
+    that the caller can record the terms as KL divergences.
 
     ``student`` is a :class:`StepModel` (possibly inside DDP). images (N, 3, H, W); labels (N, H, W) with the
     step's label rule already applied (values not in C_t are 0, 255 is ignore). ``fast`` picks the
@@ -187,6 +191,11 @@ def loss_terms(
     if config.train.use_dkd:
         terms["dkd_pos"] = dkd_loss(s_pos, t_pos)
         terms["dkd_neg"] = dkd_loss(s_neg, t_neg)
+    if floors is not None:
+        floors["kd"] = target_entropy(t_logits[:, 1 : num_old + 1])
+        if config.train.use_dkd:
+            floors["dkd_pos"] = target_entropy(t_pos)
+            floors["dkd_neg"] = target_entropy(t_neg)
     return terms
 
 
@@ -386,6 +395,8 @@ def train_iteration(
     fast, optimizer, scaler = run.fast, state.optimizer, state.scaler
 
     def batch_loss(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted total to back-propagate, and the terms to record: distillation terms as KL."""
+        floors: dict[str, Tensor] = {}
         with torch.autocast(
             run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None
         ):
@@ -398,6 +409,7 @@ def train_iteration(
                 pos_weight=run.pos_weight,
                 config=run.config,
                 fast=fast,
+                floors=floors,
             )
         loss = weighted_total(terms, run.config.loss)
         if not torch.isfinite(loss):
@@ -405,7 +417,7 @@ def train_iteration(
                 f"step {run.step_index}: the loss became {loss.item()} at iteration {state.iteration}; "
                 "lower the learning rate in [train]"
             )
-        return loss, terms
+        return loss, {name: term.detach() - floors.get(name, 0.0) for name, term in terms.items()}
 
     def between_micro_batches() -> None:
         # A stop need not wait for the rest of a batch that runs in several micro-batches.
@@ -425,7 +437,7 @@ def train_iteration(
 
     optimizer.zero_grad(set_to_none=True)
     try:
-        loss, terms = run.fallback.run(
+        _, terms = run.fallback.run(
             images, labels, forward_backward, reset=lambda: optimizer.zero_grad(set_to_none=True)
         )
     except _StopRequested:
@@ -434,8 +446,10 @@ def train_iteration(
     scaler.step(optimizer)
     scaler.update()
     state.scheduler.step()
-    values = {name: float(term.detach()) for name, term in terms.items()}
-    values["total"] = float(loss.detach())
+    values = {name: float(term) for name, term in terms.items()}
+    # The recorded total is the weighted sum of the recorded terms (the back-propagated one less the
+    # weighted floors, a constant for the student), so that the two curves agree.
+    values["total"] = float(weighted_total(terms, run.config.loss))
     state.record(values)
     return values
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import rayhead
 import torch
 from postgres import REQUIRED_ENV, PostgresServer, Unavailable, postgres_server
 
@@ -37,6 +38,23 @@ def postgres() -> Iterator[PostgresServer]:
         pytest.skip(str(exc))
     try:
         yield server
+    finally:
+        context.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[str]:
+    """A Ray head on 127.0.0.1 for the session (helpers/rayhead.py), as ``host:port``; skips (fails under
+    ``.ci/run``) when Ray is not installed."""
+    try:
+        context = rayhead.ray_head()
+        address = context.__enter__()
+    except rayhead.Unavailable as exc:
+        if os.environ.get(rayhead.REQUIRED_ENV) == "1":
+            pytest.fail(f"a Ray head is required here: {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield address
     finally:
         context.__exit__(None, None, None)
 

@@ -87,7 +87,7 @@ def test_values_are_read_into_their_sections() -> None:
             "[daemon]\nsettle = 3",
             "ciss.toml: daemon.settle: unknown setting; allowed: settle_seconds, rescan_seconds, "
             "dispatch_seconds, training_window, max_attempts, device, stop_timeout_seconds, "
-            "keep_checkpoints, log_level, gpus, cpu_ranks, rank_timeout_seconds",
+            "keep_checkpoints, log_level, gpus, cpu_ranks, rank_timeout_seconds, launcher",
         ),
         (
             "[daemon]\ntraining_window = '* 22-6 * *'",
@@ -113,7 +113,7 @@ def test_values_are_read_into_their_sections() -> None:
         (
             "[deamon]\nsettle_seconds = 1",
             "ciss.toml: unknown section [deamon]; allowed: daemon, gate, limits, catalog, web, notify, "
-            "model, loss, train",
+            "ray, model, loss, train",
         ),
         ("daemon = 3", "ciss.toml: daemon: expected a table of settings, got int"),
         # Engine sections keep the engine's own messages, with the file's name in front.

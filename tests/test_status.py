@@ -88,6 +88,21 @@ def test_a_starting_job_is_one_short_line(ws: Workspace) -> None:
     assert "training step 2 (b2), attempt 1/3: starting\n" in rendered(data, ws)
 
 
+def test_a_job_on_ray_names_the_cluster_and_its_nodes(ws: Workspace) -> None:
+    data = status_view.snapshot(ws, factory_of(ws))
+    cluster = {
+        "launcher": "ray",
+        "address": "10.0.0.1:6379",
+        "nodes": ["gpu1 (10.0.0.11)", "gpu2 (10.0.0.12)"],
+    }
+    progress = {"phase": "training", "iteration": 3, "total": 12, "ranks": 8, "cluster": cluster}
+    data["running"] = {"step": 2, "batch": "b2", "attempts": 1, "max_attempts": 3, "progress": progress}
+    assert (
+        ", on 8 processes, on the Ray cluster at 10.0.0.1:6379 (nodes gpu1 (10.0.0.11), gpu2 (10.0.0.12))\n"
+        in rendered(data, ws)
+    )
+
+
 def test_status_survives_a_typo_in_ciss_toml(ws: Workspace) -> None:
     add_steps(ws, "promoted")
     ws.settings_path.write_text("[daemon\nsettle_seconds = 1\n", encoding="utf-8")

@@ -320,8 +320,9 @@ def build_report(data: ReportData, out_dir: Path, *, progress: Callable[[str], N
         ),
         (
             "losses.png",
-            "Training loss terms per epoch, per step: each term unweighted, and the weighted sum that "
-            "training minimises (dashed).",
+            "Training loss terms per epoch, per step: each term unweighted (KD, DKD+ and DKD- as KL "
+            "divergences: their BCE less the teacher target's entropy, 0 when the student matches), and "
+            "their weighted sum (dashed).",
             lambda: loss_figure(data.steps),
         ),
         (

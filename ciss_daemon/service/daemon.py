@@ -101,7 +101,7 @@ class Daemon:
             raise
 
     def _start_locked(self) -> None:
-        self.launch = launch.plan_launch(self.settings.daemon)
+        self.launch = launch.plan_launch(self.settings.daemon, ray=self.settings.ray)
         url = self.ws.catalog_url(self.settings)
         backup = connection.upgrade_catalog(url, backup_dir=self.ws.backups)
         if backup is not None:

@@ -5,6 +5,7 @@ One process (``python -m ciss_daemon.service.worker JOB_DIR``) trains on one dev
 ``python -m torch.distributed.run``: one process per GPU, NCCL between GPUs and gloo between CPU
 processes, ``train.batch_size`` split evenly over them (see ``service/worker.py``). Nothing here imports
 torch: the GPUs are counted from ``CUDA_VISIBLE_DEVICES`` or the NVIDIA driver's ``/proc`` entries.
+With ``daemon.launcher = "ray"`` the same ranks run on a Ray cluster instead (``service/ray_launch.py``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ciss_daemon.exceptions import SettingsError
-from ciss_daemon.settings import DaemonSettings
+from ciss_daemon.settings import DaemonSettings, RaySettings
+
+if TYPE_CHECKING:
+    from ciss_daemon.service.ray_launch import RayPlan
 
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 
@@ -26,15 +31,18 @@ class Launch:
 
     ``device``: the device of a single process, or "cuda"/"cpu" for several ranks (rank r takes
     ``cuda:r`` of ``cuda_visible``). ``cuda_visible``: the GPUs the ranks see (``CUDA_VISIBLE_DEVICES``),
-    None to leave the variable as it is.
+    None to leave the variable as it is. ``ray``: the ranks run on a Ray cluster, not on this box.
     """
 
     ranks: int
     device: str
     cuda_visible: str | None = None
     timeout_seconds: float = 300.0
+    ray: RayPlan | None = None
 
     def describe(self) -> str:
+        if self.ray is not None:
+            return f"{self.ranks} process{'es' if self.ranks != 1 else ''} on {self.ray.describe()}"
         if self.ranks == 1:
             return f"1 process on {self.device}"
         where = f"GPUs {self.cuda_visible}" if self.device == "cuda" else "the CPU (gloo)"
@@ -52,13 +60,21 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def plan_launch(daemon: DaemonSettings, gpus: list[str] | None = None) -> Launch:
+def plan_launch(
+    daemon: DaemonSettings, gpus: list[str] | None = None, ray: RaySettings | None = None
+) -> Launch:
     """The processes ``daemon.device``, ``daemon.gpus`` and ``daemon.cpu_ranks`` ask for on this box.
 
     ``cuda:N`` names one GPU and wins over ``gpus``. ``auto`` without a GPU trains on the CPU. Raises
-    :class:`SettingsError` when ``gpus`` asks for GPUs that are not there.
+    :class:`SettingsError` when ``gpus`` asks for GPUs that are not there. With ``daemon.launcher = "ray"``
+    the ``ray`` section decides instead (:class:`ClusterError` when Ray or its head is missing).
     """
     timeout = daemon.rank_timeout_seconds
+    if daemon.launcher == "ray":
+        from ciss_daemon.service.ray_launch import plan_ray_launch
+
+        plan = plan_ray_launch(ray or RaySettings())
+        return Launch(plan.ranks, "cuda" if plan.gpus_per_worker else "cpu", None, timeout, plan)
     cpu = Launch(daemon.cpu_ranks, "cpu", None, timeout)
     if daemon.device == "cpu" or daemon.device.startswith("cuda:"):
         return cpu if daemon.device == "cpu" else Launch(1, daemon.device, None, timeout)
@@ -92,6 +108,8 @@ def plan_launch(daemon: DaemonSettings, gpus: list[str] | None = None) -> Launch
 
 def worker_command(job_dir: Path, launch: Launch) -> tuple[list[str], dict[str, str]]:
     """The command line and extra environment that start the worker(s) of ``job_dir``."""
+    if launch.ray is not None:
+        return launch.ray.command(job_dir, launch.timeout_seconds)
     if launch.ranks == 1:
         return [sys.executable, "-m", "ciss_daemon.service.worker", str(job_dir)], {}
     command = [

@@ -56,7 +56,15 @@ class ProgressWriter:
     write that fails (a full disk) is logged once and training goes on; the next write tries again.
     """
 
-    def __init__(self, path: Path, interval: float = 1.0, *, ranks: int = 1, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        interval: float = 1.0,
+        *,
+        ranks: int = 1,
+        enabled: bool = True,
+        cluster: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self.interval = interval
         self.last = 0.0
@@ -64,13 +72,18 @@ class ProgressWriter:
         self.ranks = ranks  # reported so that `ciss status` shows how many processes train the step
         self.enabled = enabled  # rank 0 of several reports for the whole job; the others stay silent
         self.resumed_at: int | None = None  # the iteration this attempt started from (0: a fresh start)
+        # Where the ranks run when not on this box (Ray: address, nodes), for `ciss status`.
+        self.where = {"cluster": cluster} if cluster else {}
 
     def phase(self, phase: str, **fields: Any) -> None:
         self.last = time.monotonic()
         if not self.enabled:
             return
         try:
-            write_json(self.path, {"phase": phase, "updated_at": time.time(), "ranks": self.ranks, **fields})
+            write_json(
+                self.path,
+                {"phase": phase, "updated_at": time.time(), "ranks": self.ranks, **self.where, **fields},
+            )
         except OSError as error:
             if not self.failing:
                 log.warning(
@@ -136,7 +149,10 @@ def run(job_dir: Path) -> int:
     signal.signal(signal.SIGINT, on_term)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    daemon_gone = _watch_daemon(int(os.environ.get("CISS_PARENT_PID", "0")), launched=world > 1)
+    # Under torch.distributed.run the daemon is the launcher's parent; on Ray (service/ray_launch.py) a
+    # rank's parent is the agent that started it, and the agent dies with the daemon's supervisor.
+    launched = world > 1 and os.environ.get("CISS_LAUNCHER") != "ray"
+    daemon_gone = _watch_daemon(int(os.environ.get("CISS_PARENT_PID", "0")), launched=launched)
     _die_with_parent()
 
     def local_stop() -> bool:
@@ -144,7 +160,7 @@ def run(job_dir: Path) -> int:
         # stops itself after a checkpoint, so a restarted daemon never finds two trainers on one job.
         return stop["requested"] or daemon_gone()
 
-    progress = ProgressWriter(job_dir / PROGRESS, ranks=world, enabled=rank == 0)
+    progress = ProgressWriter(job_dir / PROGRESS, ranks=world, enabled=rank == 0, cluster=_cluster())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code, reason = EXIT_FAILED, None
     try:
@@ -238,6 +254,15 @@ def _watch_daemon(parent: int, *, launched: bool) -> Callable[[], bool]:
         return int(stat.rsplit(")", 1)[1].split()[1]) != parent  # the launcher's parent pid
 
     return gone
+
+
+def _cluster() -> dict[str, Any] | None:
+    """Where this job's ranks run, as the Ray supervisor put it in ``CISS_CLUSTER`` (None on one box)."""
+    try:
+        found = json.loads(os.environ.get("CISS_CLUSTER", "null"))
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _join_ranks(job: JobRequest, world: int, local_stop: Callable[[], bool]) -> Callable[[], bool]:

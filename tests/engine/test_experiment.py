@@ -1,13 +1,23 @@
-"""The ablation's arithmetic: the paper's regrouping, the gap closure and the table, on hand-made metrics."""
+"""The ablation: its arithmetic on hand-made metrics, and a whole run of tiny models in two processes."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
+from engine.config import EngineConfig, ModelConfig, TrainConfig
 from engine.evaluate import Metrics, paper_view, summarize
-from engine.experiment import AblationData, ablation_markdown, cpu_config, gap_closure
+from engine.experiment import (
+    ABLATION_METHODS,
+    AblationData,
+    ablation,
+    ablation_markdown,
+    cpu_config,
+    gap_closure,
+)
 
 
 def metrics(iou: dict[int, float]) -> Metrics:
@@ -40,3 +50,23 @@ def test_gap_closure_and_table() -> None:
         "| DKD (KD + DKD + AC init) | 63.3 [63.3-63.3] | 30.0 [30.0-30.0] | 50.0 [50.0-50.0] | 40.7" in table
     )
     assert "DKD closes 75.0 [75.0-75.0] % of the gap" in table
+
+
+def test_ablation_runs_every_row_of_every_seed_in_parallel(tmp_path: Path) -> None:
+    # Two worker processes share 2 seeds x 6 rows; each seed's methods start from that seed's base model.
+    config = EngineConfig(
+        model=ModelConfig(backbone="resnet18", output_stride=16, pretrained=None),
+        train=TrainConfig(epochs_base=1, epochs_incremental=1, batch_size=4, crop_size=32, amp=False),
+    )
+    data = AblationData(protocol="2-1-1", train_per_step=4, val_per_step=2, image_size=32, eval_images=4)
+    final = ablation(tmp_path, data=data, seeds=(0, 1), config=config, workers=2)
+    rows = {"base", *ABLATION_METHODS, "joint"}
+    assert set(final) == {0, 1} and all(set(final[seed]) == rows for seed in final)
+    # Every row is in the paper's grouping after the last step: new = classes 3 and 4.
+    assert all(set(m.iou) == {0, 1, 2, 3, 4} for rows_ in final.values() for m in rows_.values())
+    assert final[0]["base"].iou[3] == 0.0  # the base model was never taught class 3
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and set(saved["runs"]["1"]) == rows
+    assert "% of the gap from fine-tuning to joint training" in (tmp_path / "results.md").read_text()
+    for method in ABLATION_METHODS:
+        assert (tmp_path / "seed-1" / method / "step-02" / "model" / "model.json").is_file()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import LossConfig
-from engine.losses import LOSS_TERMS, ac_loss, dkd_loss, kd_loss, mbce_loss, weighted_total
+from engine.losses import LOSS_TERMS, ac_loss, dkd_loss, kd_loss, mbce_loss, target_entropy, weighted_total
 
 
 def sigmoid(x: float) -> float:
@@ -75,6 +75,16 @@ def test_dkd_averages_over_batch_and_pixels() -> None:
     loss = dkd_loss(student, teacher)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert not loss.requires_grad  # nothing but the detached teacher needed gradients
+
+
+def test_distillation_less_its_floor_is_the_binary_kl_divergence() -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 4, 4) * 3, torch.randn(2, 3, 4, 4) * 3
+    p, q = torch.sigmoid(teacher), torch.sigmoid(student)
+    kl = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).sum() / (2 * 4 * 4)
+    assert float(kd_loss(student, teacher) - target_entropy(teacher)) == pytest.approx(float(kl), rel=1e-4)
+    assert float(dkd_loss(teacher, teacher)) == pytest.approx(float(target_entropy(teacher)), abs=1e-6)
+    assert float(target_entropy(teacher)) > 0.5
 
 
 def test_distillation_rejects_shape_mismatch() -> None:

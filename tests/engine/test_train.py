@@ -88,6 +88,31 @@ def test_base_step_updates_bn_stats_and_reports_progress() -> None:
     assert not torch.equal(before, model.head[2].running_mean)  # type: ignore[index]
 
 
+def test_distillation_terms_are_recorded_as_kl_divergences() -> None:
+    # The student starts as the teacher plus a new head, with BatchNorm and dropout frozen: at the first
+    # iteration its old logits and reasoning scores are the teacher's, so every recorded KL is 0 (the BCE
+    # itself is not), and the recorded total is the weighted sum of the recorded terms.
+    config = tiny_config(epochs_incremental=1)
+    teacher, student = base_and_student(config)
+    seen: list[Progress] = []
+    train_step(
+        model=student,
+        teacher=teacher,
+        dataset=RandomSegmentation(8, [3]),
+        config=config,
+        step_index=1,
+        device=torch.device("cpu"),
+        progress=seen.append,
+    )
+    first = seen[0].losses
+    assert [first[k] for k in ("kd", "dkd_pos", "dkd_neg")] == pytest.approx([0.0, 0.0, 0.0], abs=1e-5)
+    w = config.loss
+    weighted = w.mbce * first["mbce"] + w.kd * first["kd"] + w.dkd_pos * first["dkd_pos"]
+    weighted += w.dkd_neg * first["dkd_neg"] + w.ac * first["ac"]
+    assert first["total"] == pytest.approx(weighted, rel=1e-5)
+    assert seen[-1].losses["kd"] > 0.0
+
+
 @pytest.mark.parametrize("step_index", [0, 1])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, step_index: int) -> None:
     # Dropout is on at step 0, so this also checks that RNG states are restored.
