@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ciss_daemon.exceptions import ClusterError
 from ciss_daemon.service import worker
@@ -346,7 +346,7 @@ class Supervisor:
                 self._signal_all(ray, agents, signal.SIGKILL)  # the survivors' ranks: they cannot finish
                 return self.lost(f"a Ray worker of this step was lost ({_first_line(error)})")
             if all(code is not None for code in codes.values()):
-                return self._rank0_code(codes[0], places[0])
+                return self._rank0_code(cast(int, codes[0]), places[0])  # every code is set here
             if self.should_stop() and not stopping:
                 stopping = True
                 log.info("stopping: every rank checkpoints at the same iteration")

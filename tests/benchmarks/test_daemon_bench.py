@@ -61,7 +61,7 @@ def test_the_daemon_carries_on_from_a_built_catalog(tmp_path: Path) -> None:
             step = catalog.create_step(session=session, batch=batch)
             assert step.index == 5
             assert [c.id for c in batch.classes] == [16, 17]
-            assert [c.id for c in catalog.step_classes(session=session, step=step)] == [16, 17]
+            assert [c.id for c in step.classes] == [16, 17]
     finally:
         engine.dispose()
 
