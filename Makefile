@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench-ablation bench-daemon bench-web clean
+.PHONY: install demo test lint typecheck format bench-ablation bench-daemon bench-web clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ciss demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint typecheck
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff format .
@@ -33,7 +36,7 @@ bench-ablation: $(STAMP)
 	$(PY) -m engine.experiment ablation --out bench-out/ablation
 
 bench-daemon: $(STAMP)
-	$(PY) -m ciss_daemon.bench all --out bench-out/daemon
+	$(PY) -m benchmarks.daemon all --out bench-out/daemon
 
 bench-web: $(STAMP)
 	$(PY) benchmarks/dashboard.py page-load --out bench-out/web

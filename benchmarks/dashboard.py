@@ -3,7 +3,7 @@
     python benchmarks/dashboard.py page-load --out bench-out/web     # 1,000 steps; or: make bench-web
     python benchmarks/dashboard.py screenshot --out docs/images/dashboard.png
 
-``page-load`` fills a catalog with ``--steps`` promoted steps (``ciss_daemon.bench.build_catalog``: full
+``page-load`` fills a catalog with ``--steps`` promoted steps (``benchmarks.daemon.build_catalog``: full
 metrics and loss history per step, as a long-lived daemon leaves them), starts ``ciss web`` on it as its own
 process, and times, after one warm-up each:
 
@@ -42,8 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ciss_daemon import catalog  # noqa: E402 - after the path is set, for a plain `python benchmarks/...`
-from ciss_daemon.bench import build_catalog, cli, loadavg, machine_info, new_workspace, summary  # noqa: E402
+from benchmarks.daemon import build_catalog, cli, loadavg, machine_info, new_workspace, summary  # noqa: E402
+from ciss_daemon.catalog import connection  # noqa: E402 - after the path is set, for a plain `python benchmarks/...`
+from ciss_daemon.catalog import records as catalog  # noqa: E402
 from ciss_daemon.workspace import Workspace  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -164,11 +165,11 @@ def page_load(out: Path, *, steps: int, runs: int, workdir: Path | None) -> dict
         "runs": runs,
         "cpu_reference_at_start": cpu_reference(),
     }
-    factory = catalog.session_factory(catalog.make_engine(f"sqlite:///{ws.catalog_path}"))
+    factory = connection.session_factory(connection.make_engine(f"sqlite:///{ws.catalog_path}"))
 
     def change() -> None:
         """What the daemon does at each step outcome: a new event, so the page reads everything again."""
-        with catalog.transaction(factory) as s:
+        with connection.transaction(factory) as s:
             catalog.log_event(session=s, kind="bench", message="the benchmark changed the catalog")
 
     with serving(ws) as url:
@@ -253,10 +254,10 @@ def _fill_history(ws: Workspace) -> None:
     """Steps written through the catalog's functions, with IoUs that fade a little at each later step (the
     forgetting the heat map shows) and losses that fall over each step's epochs; the last step trains."""
     rng = random.Random(7)
-    factory = catalog.session_factory(catalog.make_engine(f"sqlite:///{ws.catalog_path}"))
+    factory = connection.session_factory(connection.make_engine(f"sqlite:///{ws.catalog_path}"))
     start = dt.datetime.now(dt.UTC) - dt.timedelta(days=len(CLASSES))
     learned: dict[int, float] = {0: 0.92}  # class id -> IoU when learned
-    with catalog.transaction(factory) as s:
+    with connection.transaction(factory) as s:
         for index, names in enumerate([*CLASSES, ("scooter", "tram")]):
             at = start + dt.timedelta(days=index)
             batch = catalog.record_batch(

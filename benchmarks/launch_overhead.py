@@ -3,7 +3,7 @@ Ray cluster (``daemon.launcher = "ray"``).
 
     python benchmarks/launch_overhead.py --out bench-out/launch [--address HOST:PORT] [--repeats 3]
 
-Starts the daemon's own commands (``ciss_daemon.launch.worker_command``) on one generated step-0 batch
+Starts the daemon's own commands (``ciss_daemon.service.launch.worker_command``) on one generated step-0 batch
 (ResNet-18, 8 images of 32 x 32, total batch 4, 8 iterations), four ways: 1 local process, 2 local CPU ranks
 (``torch.distributed.run``), 1 Ray worker and 2 Ray workers (1 CPU each, gloo). Each run is timed from the
 start of the command to the end of the first training iteration (from the first progress report of the
@@ -11,7 +11,7 @@ start of the command to the end of the first training iteration (from the first 
 The four kinds alternate so that they see the same load; every process has one thread (``OMP_NUM_THREADS=1``,
 what the ranks get anyway). For Ray runs, the supervisor's log also gives the seconds until the ranks
 started (joined the cluster, workers reserved and placed). Without ``--address`` it starts a Ray head on
-127.0.0.1 (2 CPUs, 100 MB object store, as the tests do, see tests/rayhead.py) and stops it at the end.
+127.0.0.1 (2 CPUs, 100 MB object store, as the tests do, tests/helpers/rayhead.py) and stops it at the end.
 Writes ``results.json`` into ``--out``.
 """
 
@@ -30,14 +30,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ranks import make_request
 
-from ciss_daemon.bench import loadavg, machine_info
-from ciss_daemon.launch import Launch, worker_command
-from ciss_daemon.ray_launch import RayPlan
+from benchmarks.daemon import loadavg, machine_info
+from ciss_daemon.service.launch import Launch, worker_command
+from ciss_daemon.service.protocol import CANDIDATE, REQUEST, JobRequest
+from ciss_daemon.service.ray_launch import RayPlan
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("local 1", "local 2", "ray 1", "ray 2")
@@ -51,15 +53,12 @@ def launch_of(kind: str, address: str) -> Launch:
     return Launch(ranks, "cpu", None, 60.0, RayPlan(address, ranks, 0, 1.0, "pack", 120.0))
 
 
-def run_once(root: Path, request: dict[str, Any], kind: str, address: str) -> dict[str, Any]:
+def run_once(root: Path, request: JobRequest, kind: str, address: str) -> dict[str, Any]:
     """One run of ``kind``: seconds to the first training iteration."""
     launch = launch_of(kind, address)
     job = Path(tempfile.mkdtemp(prefix=f"job-{kind.replace(' ', '-')}-", dir=root))
-    (job / "request.json").write_text(
-        json.dumps(
-            {**request, "workdir": str(job), "output_dir": str(job / "candidate"), "ranks": launch.ranks}
-        )
-    )
+    run = replace(request, workdir=str(job), output_dir=str(job / CANDIDATE), ranks=launch.ranks)
+    (job / REQUEST).write_text(json.dumps(run.to_json()))
     command, extra = worker_command(job, launch)
     env = {
         **os.environ,
@@ -81,7 +80,7 @@ def run_once(root: Path, request: dict[str, Any], kind: str, address: str) -> di
             except (OSError, ValueError):
                 report = {}
             if report.get("phase") == "training" and report.get("images_per_second"):
-                first = first_iteration_end(report, request["config"]["train"]["batch_size"]) - started
+                first = first_iteration_end(report, request.config["train"]["batch_size"]) - started
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)  # checkpoint and exit, as the daemon stops a step
         code = process.wait(300)
@@ -119,7 +118,7 @@ def head(address: str | None) -> Iterator[str]:
     if address:
         yield address
         return
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
     from rayhead import ray_head  # the tests' throwaway head: `ray start --head --block` on 127.0.0.1
 
     with ray_head() as started:

@@ -3,7 +3,7 @@
     python benchmarks/ranks.py --out bench-out/ranks [--ranks 2] [--images 32] [--size 64] [--batch 8]
                                [--epochs 2] [--repeats 2] [--threads N]
 
-Starts the daemon's own worker commands (``ciss_daemon.launch.worker_command``: what the daemon runs with
+Starts the daemon's own worker commands (``service.launch.worker_command``: what the daemon runs with
 ``daemon.cpu_ranks`` = 1 and = N) on one generated step-0 batch, with the same total batch, and reads the
 worker's progress reports: images/s is the training rate the worker reports for the whole job (iterations
 since training began, times the total batch), so start-up and evaluation are not counted. The runs
@@ -24,16 +24,18 @@ import subprocess
 import tempfile
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ciss_daemon.bench import loadavg, machine_info
-from ciss_daemon.launch import Launch, worker_command
+from benchmarks.daemon import loadavg, machine_info
+from ciss_daemon.service.launch import Launch, worker_command
+from ciss_daemon.service.protocol import CANDIDATE, REQUEST, BatchSpec, JobRequest
 from engine.config import EngineConfig
 from engine.synthetic import generate_batches
 
 
-def make_request(root: Path, *, images: int, size: int, batch: int, epochs: int) -> dict[str, Any]:
+def make_request(root: Path, *, images: int, size: int, batch: int, epochs: int) -> JobRequest:
     """request.json of a step 0 on a generated batch of ``images`` training images, ResNet-18."""
     (folder,) = generate_batches(
         root / "data", "2", train_per_step=images, val_per_step=2, image_size=size, seed=0, prefix="bench"
@@ -53,26 +55,27 @@ def make_request(root: Path, *, images: int, size: int, batch: int, epochs: int)
         }
     )
     value_map = {v: int(v) for v in classes}  # mask value -> global class id: the same at step 0
-    ref = {"name": folder.name, "folder": str(folder), "value_map": value_map, "kind": "train"}
-    return {
-        "step_index": 0,
-        "step_sizes": [len(classes)],
-        "class_names": {int(v): name for v, name in classes.items()},
-        "train_batches": [ref],
-        "eval_batches": [ref],
-        "memory_batches": [],
-        "teacher_dir": None,
-        "config": config.to_dict(),
-        "device": "cpu",
-    }
+    ref = BatchSpec(folder.name, str(folder), value_map, "train")
+    return JobRequest(
+        step_index=0,
+        step_sizes=[len(classes)],
+        class_names={int(v): name for v, name in classes.items()},
+        train_batches=[ref],
+        eval_batches=[ref],
+        memory_batches=[],
+        teacher_dir=None,
+        workdir="",  # set per run
+        output_dir="",
+        config=config.to_dict(),
+        device="cpu",
+    )
 
 
-def run_once(root: Path, request: dict[str, Any], ranks: int, threads: int | None) -> dict[str, Any]:
+def run_once(root: Path, request: JobRequest, ranks: int, threads: int | None) -> dict[str, Any]:
     """One worker run with ``ranks`` processes; the last training report and the wall time."""
     job = Path(tempfile.mkdtemp(prefix=f"job-{ranks}-", dir=root))
-    (job / "request.json").write_text(
-        json.dumps({**request, "workdir": str(job), "output_dir": str(job / "candidate"), "ranks": ranks})
-    )
+    run = replace(request, workdir=str(job), output_dir=str(job / CANDIDATE), ranks=ranks)
+    (job / REQUEST).write_text(json.dumps(run.to_json()))
     command, extra = worker_command(job, Launch(ranks, "cpu"))
     if threads is not None:
         extra["OMP_NUM_THREADS"] = str(threads)

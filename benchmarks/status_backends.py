@@ -4,9 +4,9 @@
 
 Builds the same catalog twice with the daemon benchmark's ``build_catalog`` (1,000 promoted steps with full
 metrics, events and rejections): once in a workspace's SQLite file, once in a PostgreSQL database of a
-throwaway server on 127.0.0.1 (``tests/postgres.py``: ``CISS_TEST_POSTGRES_URL`` names an existing one
+throwaway server on 127.0.0.1 (``tests/helpers/postgres.py``: ``CISS_TEST_POSTGRES_URL`` names an existing one
 instead). Then times ``ciss status`` and ``ciss status --json`` as fresh processes, alternating the two
-backends run by run so that both see the same machine load, and ``catalog.status_snapshot`` in-process.
+backends run by run so that both see the same machine load, and ``snapshot.status_snapshot`` in-process.
 Writes ``results.json`` into ``--out`` and prints a Markdown table.
 """
 
@@ -22,24 +22,26 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the throwaway PostgreSQL server of the tests
+sys.path.insert(0, str(REPO / "tests" / "helpers"))  # the throwaway PostgreSQL server of the tests
 
 from postgres import postgres_server  # noqa: E402
 
-from ciss_daemon import bench, catalog  # noqa: E402
+from benchmarks import daemon as bench  # noqa: E402
+from ciss_daemon.catalog import connection  # noqa: E402
+from ciss_daemon.catalog.snapshot import status_snapshot  # noqa: E402
 from ciss_daemon.workspace import init_workspace  # noqa: E402
 
 
 def _in_process(url: str, runs: int) -> dict[str, Any]:
-    engine = catalog.make_engine(url, read_only=True)
-    factory = catalog.session_factory(engine)
+    engine = connection.make_engine(url, read_only=True)
+    factory = connection.session_factory(engine)
     with factory() as session:
-        catalog.status_snapshot(session=session)  # connection and statement compilation
+        status_snapshot(session=session)  # connection and statement compilation
     times = []
     for _ in range(runs):
         started = time.perf_counter()
         with factory() as session:
-            catalog.status_snapshot(session=session)
+            status_snapshot(session=session)
         times.append(time.perf_counter() - started)
     engine.dispose()
     return bench.summary(times)
@@ -50,7 +52,7 @@ def run(workdir: Path, *, steps: int, runs: int) -> dict[str, Any]:
         url = server.new_database()
         sqlite_ws = bench.new_workspace(workdir / "sqlite-ws")
         pg_ws = init_workspace(workdir / "pg-ws", settings_text=f"[catalog]\nurl = {json.dumps(url)}\n")
-        catalog.upgrade_catalog(url, backup_dir=None)
+        connection.upgrade_catalog(url, backup_dir=None)
         built = {
             "sqlite": bench.build_catalog(sqlite_ws, steps=steps),
             "postgresql": bench.build_catalog(pg_ws, steps=steps, url=url),
@@ -73,7 +75,7 @@ def run(workdir: Path, *, steps: int, runs: int) -> dict[str, Any]:
             "sqlite": _in_process(f"sqlite:///{sqlite_ws.catalog_path}", runs),
             "postgresql": _in_process(url, runs),
         }
-        with catalog.session_factory(catalog.make_engine(url))() as session:
+        with connection.session_factory(connection.make_engine(url))() as session:
             server_version = session.connection().exec_driver_sql("SHOW server_version").scalar()
     return {
         "steps": steps,
@@ -94,7 +96,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| `{label}` | {s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} |")
     for backend, s in result["in_process_status_snapshot"].items():
         lines.append(
-            f"| in process: `catalog.status_snapshot` [{backend}] | {s['median']:.3f} | {s['min']:.3f} | "
+            f"| in process: `snapshot.status_snapshot` [{backend}] | {s['median']:.3f} | {s['min']:.3f} | "
             f"{s['max']:.3f} |"
         )
     return "\n".join(lines)

@@ -98,11 +98,11 @@ def _open_to_read(workspace: Path | None) -> tuple[Any, Any]:
     try:
         return ws, load_settings(ws.settings_path)
     except SettingsError as error:
-        from ciss_daemon import service
+        from ciss_daemon.service import systemd
 
         running = (
             "the running daemon keeps the settings it started with"
-            if service.daemon_alive(ws.lock_path)
+            if systemd.daemon_alive(ws.lock_path)
             else "`ciss daemon` will not start"
         )
         typer.echo(f"Warning: {error}; {running} until the file is fixed", err=True)
@@ -111,12 +111,12 @@ def _open_to_read(workspace: Path | None) -> tuple[Any, Any]:
 
 def _reader(ws: Any, settings: Any) -> Any:
     """A read-only session factory; never upgrades the catalog (the daemon does that)."""
-    from ciss_daemon import catalog
+    from ciss_daemon.catalog import connection
     from ciss_daemon.settings import Settings
 
     url = ws.catalog_url(settings or Settings())
-    catalog.check_catalog(url)
-    return catalog.session_factory(catalog.make_engine(url, read_only=True))
+    connection.check_catalog(url)
+    return connection.session_factory(connection.make_engine(url, read_only=True))
 
 
 # --- init, daemon, submit ------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def init(
 
     Example: ciss init /srv/ciss
     """
-    from ciss_daemon import catalog
+    from ciss_daemon.catalog import connection
     from ciss_daemon.profiles import choose_profile
     from ciss_daemon.settings import load_settings
     from ciss_daemon.workspace import ENV_VAR, init_workspace
@@ -155,7 +155,7 @@ def init(
     settings_profile = choose_profile(profile)
     ws = init_workspace(chosen, settings_text=settings_profile.settings_text())
     settings = load_settings(ws.settings_path)
-    catalog.upgrade_catalog(ws.catalog_url(settings), backup_dir=ws.backups)
+    connection.upgrade_catalog(ws.catalog_url(settings), backup_dir=ws.backups)
     console.print(f"Workspace ready at {ws.root}")
     console.print(f"  settings: {ws.settings_path}")
     console.print(f"    {settings_profile.description}", highlight=False, soft_wrap=True)
@@ -170,7 +170,7 @@ def daemon(workspace: WorkspaceOption = None) -> None:
 
     Example: ciss daemon --workspace /srv/ciss
     """
-    from ciss_daemon.daemon import run_daemon
+    from ciss_daemon.service.daemon import run_daemon
 
     ws, settings = _open(workspace)
     raise typer.Exit(code=run_daemon(ws, settings))
@@ -186,7 +186,7 @@ def submit(
 
     Example: ciss submit ./bicycles-2026-11
     """
-    from ciss_daemon.inbox import submit_folder
+    from ciss_daemon.batch.inbox import submit_folder
 
     ws, _ = _open(workspace)
     target = submit_folder(folder, ws.inbox)
@@ -206,11 +206,13 @@ def check(
 
     Example: ciss check ./bicycles-2026-11
     """
-    from ciss_daemon import catalog
+    import dataclasses
+
+    from ciss_daemon.batch.inbox import rejection_report
+    from ciss_daemon.batch.validation import printable, validate_batch
+    from ciss_daemon.catalog import records as catalog
     from ciss_daemon.exceptions import WorkspaceError
-    from ciss_daemon.inbox import rejection_report
     from ciss_daemon.settings import Settings
-    from ciss_daemon.validation import printable, validate_batch
 
     settings: Any = Settings()
     taught: set[str] = set()
@@ -228,15 +230,9 @@ def check(
         with _reader(ws, loaded)() as s:
             taught = catalog.unavailable_class_names(session=s)
             known = catalog.live_batch_hashes(session=s)
-    limits = settings.limits
+    # Every [limits] setting is a keyword of validate_batch of the same name.
     result = validate_batch(
-        folder,
-        taught_names=taught,
-        known_hashes=known,
-        max_batch_bytes=limits.max_batch_bytes,
-        max_files=limits.max_files,
-        max_image_pixels=limits.max_image_pixels,
-        max_image_side=limits.max_image_side,
+        folder, taught_names=taught, known_hashes=known, **dataclasses.asdict(settings.limits)
     )
     name = printable(Path(os.path.abspath(folder)).name)
     if result.batch is None:
@@ -333,7 +329,7 @@ def models(
 
 
 def _operate(workspace: Path | None, action: str, target: str | None) -> None:
-    from ciss_daemon.operator import run_action
+    from ciss_daemon.service.operator import run_action
 
     ws, settings = _open(workspace)
     console.print(run_action(ws, ws.catalog_url(settings), action, target), markup=False, soft_wrap=True)
@@ -433,8 +429,8 @@ def prune(
 
 def _model_dir(ws: Any, factory: Any, version: str | None) -> Path:
     """The folder of the named version, or of models/current resolved once (never a mix of two models)."""
-    from ciss_daemon import catalog
-    from ciss_daemon.promotion import resolve_current
+    from ciss_daemon.catalog import records as catalog
+    from ciss_daemon.service.promotion import resolve_current
 
     if version:
         with factory() as s:
@@ -468,7 +464,7 @@ def eval_(
     from rich.status import Status
 
     from ciss_daemon import status as status_view
-    from ciss_daemon.planning import evaluate_version
+    from ciss_daemon.service.planning import evaluate_version
 
     ws, settings = _open(workspace)
     factory = _reader(ws, settings)
@@ -507,8 +503,8 @@ def predict(
     """
     from rich.progress import Progress
 
-    from ciss_daemon.planning import class_colours
-    from ciss_daemon.visualize import expand_inputs, predict_images
+    from ciss_daemon.outputs.predict import expand_inputs, predict_images
+    from ciss_daemon.service.planning import class_colours
     from engine.exceptions import ConfigError
     from engine.runner import resolve_device
 
@@ -560,8 +556,8 @@ def report(
     """
     from rich.status import Status
 
-    from ciss_daemon.planning import report_data
-    from ciss_daemon.report import build_report
+    from ciss_daemon.outputs.report import build_report
+    from ciss_daemon.service.planning import report_data
 
     ws, settings = _open(workspace)
     with Status("predicting the sample images", console=Console(stderr=True)) as spinner:
@@ -589,8 +585,8 @@ def export(
 
     Example: ciss export model.onnx
     """
-    from ciss_daemon.export import export_model
-    from ciss_daemon.planning import class_colours
+    from ciss_daemon.outputs.export import export_model
+    from ciss_daemon.service.planning import class_colours
 
     ws, settings = _open(workspace)
     factory = _reader(ws, settings)
@@ -655,7 +651,7 @@ def experiment(
 
     if setting not in ("overlap", "disjoint"):
         raise CissError(f"--setting {setting!r}: choose overlap or disjoint")
-    options = {"memory": memory, "setting": setting, "eval_crop": eval_crop, "device": device}
+    options: dict[str, Any] = {"memory": memory, "setting": setting, "eval_crop": eval_crop, "device": device}
     reproduce(plan_run(dataset, protocol, root, out, config_path=config, **options), console=console)
 
 

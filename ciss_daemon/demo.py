@@ -23,10 +23,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import catalog, status
+from ciss_daemon import status
+from ciss_daemon.batch.inbox import submit_folder
+from ciss_daemon.catalog import connection
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.inbox import submit_folder
-from ciss_daemon.operator import run_action
+from ciss_daemon.service.operator import run_action
 from ciss_daemon.settings import DaemonSettings, GateSettings, Settings, load_settings, settings_toml
 from ciss_daemon.workspace import Workspace, init_workspace
 
@@ -121,7 +122,7 @@ def run_demo(
         _wait_for(
             lambda: ws.catalog_path.exists() and _catalog_ready(url), daemon, log_path, "the daemon to start"
         )
-        factory = catalog.session_factory(catalog.make_engine(url))
+        factory = connection.session_factory(connection.make_engine(url))
         console.print("daemon started; submitting an evaluation batch and a broken batch")
         submit_folder(eval_batch, ws.inbox)
         submit_folder(broken, ws.inbox)
@@ -138,8 +139,8 @@ def run_demo(
             except subprocess.TimeoutExpired:
                 daemon.kill()
     console.print(status.render(status.snapshot(ws, factory), ws))
-    from ciss_daemon.planning import report_data
-    from ciss_daemon.report import build_report
+    from ciss_daemon.outputs.report import build_report
+    from ciss_daemon.service.planning import report_data
 
     page = build_report(report_data(ws, factory), directory / "report")
     minutes = (time.monotonic() - started) / 60
@@ -164,7 +165,7 @@ def _broken_copy(source: Path, target: Path) -> Path:
 
 def _catalog_ready(url: str) -> bool:
     try:
-        catalog.check_catalog(url)
+        connection.check_catalog(url)
     except CissError:
         return False
     return True
@@ -211,8 +212,8 @@ def _follow_step(
         deadline = time.monotonic() + 1800
         while True:
             data = status.snapshot(ws, factory)
-            step = next((s for s in data["steps"] if s["index"] == index), None)
-            state = step["state"] if step else "waiting"
+            step = next((s for s in data["steps"] if s["index"] == index), {"state": "waiting"})
+            state = step["state"]
             running = data.get("running")
             if running and running["step"] == index:
                 p = running.get("progress") or {}

@@ -70,7 +70,7 @@ class DaemonSettings:
     gpus: str = "all"
     cpu_ranks: int = 1
     rank_timeout_seconds: float = 300.0
-    # "local": this box (see above); "ray": the Ray cluster of the [ray] section (ciss_daemon.ray_launch).
+    # "local": this box (see above); "ray": the Ray cluster of the [ray] section (service/ray_launch.py).
     launcher: str = "local"
 
     def __post_init__(self) -> None:
@@ -160,7 +160,7 @@ class CatalogSettings:
 
 @dataclass(frozen=True)
 class RaySettings:
-    """The Ray cluster that trains each step when ``daemon.launcher = "ray"`` (``ciss_daemon.ray_launch``).
+    """The Ray cluster that trains each step when ``daemon.launcher = "ray"`` (``service/ray_launch.py``).
 
     A step trains on ``workers`` Ray actors, each with ``gpus_per_worker`` GPUs (one training process per
     GPU; 0: one process on the CPU, gloo) and ``cpus_per_worker`` CPUs.
@@ -272,7 +272,7 @@ def parse_settings(text: str, *, source: str = "ciss.toml") -> Settings:
         raise SettingsError(f"{source}: unknown section [{unknown[0]}]; allowed: {', '.join(SECTIONS)}")
     try:
         _gpus_as_text(data.get("daemon"))
-        sections = {
+        sections: dict[str, Any] = {
             name: section_from_dict(cls, data.get(name, {}), name) for name, cls in _DAEMON_SECTIONS.items()
         }
         engine = EngineConfig.from_dict({name: data[name] for name in _ENGINE_SECTIONS if name in data})

@@ -14,9 +14,11 @@ from rich.text import Text
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import catalog, service
-from ciss_daemon.db import Class, ModelVersion, Step
-from ciss_daemon.planning import next_opening, training_window
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.snapshot import status_snapshot
+from ciss_daemon.catalog.tables import Class, ModelVersion, Step
+from ciss_daemon.service import systemd
+from ciss_daemon.service.planning import next_opening, training_window
 from ciss_daemon.settings import Settings
 from ciss_daemon.workspace import Workspace
 
@@ -46,9 +48,9 @@ def snapshot(
     then not judged. A queued step's note is why it waits now, not what ended its last attempt.
     """
     with factory() as s:
-        data = catalog.status_snapshot(session=s)
-    alive = service.daemon_alive(ws.lock_path)
-    data["daemon"] = {"alive": alive, "pid": service.read_pid(ws.lock_path) if alive else None}
+        data = status_snapshot(session=s)
+    alive = systemd.daemon_alive(ws.lock_path)
+    data["daemon"] = {"alive": alive, "pid": systemd.read_pid(ws.lock_path) if alive else None}
     data["workspace"] = str(ws.root)
     window = settings.daemon.training_window if settings is not None else ""
     data["waiting"] = wait_reason(data, ws, window, time.time() if now is None else now)

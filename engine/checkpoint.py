@@ -17,7 +17,6 @@ import os
 import pickle
 import random
 import threading
-import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from engine.atomic import write_bytes
 from engine.exceptions import CheckpointError
 
 MODEL_FILE = "model.safetensors"
@@ -40,40 +40,6 @@ _RESERVED_META_KEYS = ("format", "format_version", "weights_sha256")
 
 # torch.load reads these variables at every call; they are changed only while the lock is held.
 _TORCH_LOAD_ENV_LOCK = threading.Lock()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that readers and crashes see the old content or the new, whole.
-
-    Writes a temporary file in the same directory, fsyncs it, renames it over ``path`` and fsyncs the
-    directory so that the rename itself survives a power cut. On failure the temporary file is removed
-    and ``path`` is left as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    # os.open with mode 0o666 lets the umask decide permissions, as a plain open() would.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Directories cannot be opened for fsync on Windows; there, the rename is as durable as it gets.
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
@@ -123,7 +89,7 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     torch.save(dict(state), buffer)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buffer.getvalue())
+        write_bytes(path, buffer.getvalue())
     except OSError as error:
         raise CheckpointError(
             f"could not write checkpoint {path}: {error}; check free disk space and permissions"
@@ -202,7 +168,7 @@ def rng_state() -> dict[str, Any]:
         },
         "numpy": {
             "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "position": int(position),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached_gaussian),
@@ -277,8 +243,8 @@ def save_model(directory: Path, state_dict: Mapping[str, Tensor], meta: Mapping[
         directory.mkdir(parents=True, exist_ok=True)
         # Weights first: after a crash in between, model.json is missing or records another hash,
         # and loading refuses the pair.
-        atomic_write_bytes(directory / MODEL_FILE, weights)
-        atomic_write_bytes(directory / META_FILE, meta_bytes)
+        write_bytes(directory / MODEL_FILE, weights)
+        write_bytes(directory / META_FILE, meta_bytes)
     except OSError as error:
         raise CheckpointError(
             f"could not write model files in {directory}: {error}; check free disk space and permissions"

@@ -53,7 +53,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the loss terms of method.md (1 mBCE + 5 KD + 5 DKD+ + 5 DKD- + 1 AC)."""
+    """Weights of the loss terms of docs/method.md (1 mBCE + 5 KD + 5 DKD+ + 5 DKD- + 1 AC)."""
 
     mbce: float = 1.0
     kd: float = 5.0
@@ -174,7 +174,7 @@ def section_from_dict(cls: type[T], data: dict[str, Any], section: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{section}.{unknown[0]}: unknown setting; allowed: {', '.join(fields)}")
-    defaults = cls()  # type: ignore[call-arg]
+    defaults = cls()
     values: dict[str, Any] = {}
     for name, value in data.items():
         expected = type(getattr(defaults, name))

@@ -1,9 +1,9 @@
 """Data for class-incremental segmentation: batch folders, label lookup tables, transforms, samplers.
 
-A *batch folder* (see product.md) holds ``batch.toml``, ``images/<stem>.jpg|.png`` and ``masks/<stem>.png``
+A *batch folder* (docs/product.md) holds ``batch.toml``, ``images/<stem>.jpg|.png`` and ``masks/<stem>.png``
 and optionally ``val/images`` and ``val/masks``. Its masks use batch-local values; a lookup table (LUT) of
 256 entries turns a mask into global class ids in one indexing operation, and also applies the rule of
-method.md that, at step t, every label not in C_t becomes background (the ``keep`` set).
+docs/method.md that, at step t, every label not in C_t becomes background (the ``keep`` set).
 
 PASCAL VOC 2012 and ADE20K are read from their usual layouts; there the mask value *is* the global class
 id, so their LUT is the identity restricted to a step's ``keep`` set.
@@ -16,10 +16,8 @@ a resume.
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,18 +27,13 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from engine.batch_format import IGNORE, IMAGE_SUFFIXES, MANIFEST, SPLITS, BatchManifest, parse_manifest
 from engine.config import SETTINGS
 from engine.exceptions import ConfigError, DataError
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = IGNORE
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-BATCH_KINDS = ("train", "eval")
-SPLITS = ("train", "val")
-_MANIFEST_KEYS = ("kind", "classes", "colors")  # [colors]: display only (ciss_daemon.validation)
-_MASK_VALUE = re.compile(r"[0-9]+")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,58 +41,24 @@ _MASK_VALUE = re.compile(r"[0-9]+")
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BatchManifest:
-    """The parsed ``batch.toml`` of one batch folder."""
-
-    name: str  # the folder name
-    kind: str  # "train" or "eval"
-    classes: dict[int, str]  # mask value (1..254) -> class name
-
-
 def read_manifest(folder: Path) -> BatchManifest:
-    """Read and check ``folder/batch.toml``; :class:`DataError` says what is wrong and how to fix it."""
+    """Read and check ``folder/batch.toml`` by the rules of ``engine/batch_format.py`` (the daemon's too);
+    :class:`DataError` names the first problem and how to fix it."""
     folder = Path(folder)
-    where = f"batch '{folder.name}': batch.toml"
-    path = folder / "batch.toml"
+    where = f"batch '{folder.name}': {MANIFEST}"
     try:
-        with path.open("rb") as stream:
-            data = tomllib.load(stream)
+        with (folder / MANIFEST).open("rb") as stream:
+            document = tomllib.load(stream)
     except FileNotFoundError:
         raise DataError(f"{where} is missing; write it last, after images/ and masks/") from None
     except tomllib.TOMLDecodeError as exc:
         raise DataError(f"{where} is not valid TOML ({exc}); fix the syntax") from None
     except OSError as exc:
         raise DataError(f"{where} cannot be read ({exc.strerror}); check its permissions") from None
-
-    unknown = sorted(set(data) - set(_MANIFEST_KEYS))
-    if unknown:
-        raise DataError(f"{where}: unknown key '{unknown[0]}'; allowed keys: {', '.join(_MANIFEST_KEYS)}")
-    kind = data.get("kind", "train")
-    if kind not in BATCH_KINDS:
-        raise DataError(f"{where}: kind = {kind!r} is not one of {', '.join(map(repr, BATCH_KINDS))}")
-    table = data.get("classes")
-    if not isinstance(table, dict) or not table:
-        raise DataError(f'{where}: needs a [classes] table mapping mask values to names, e.g. 1 = "bicycle"')
-
-    classes: dict[int, str] = {}
-    for key, name in table.items():
-        if not _MASK_VALUE.fullmatch(key) or not 1 <= int(key) <= 254:
-            raise DataError(
-                f"{where}: [classes] key {key!r} is not a mask value; use integers 1-254 "
-                f"(0 is background, {IGNORE_INDEX} is ignore)"
-            )
-        value = int(key)
-        if value in classes:
-            raise DataError(f"{where}: mask value {value} is declared twice in [classes]; keep one")
-        if not isinstance(name, str) or not name.strip():
-            raise DataError(f"{where}: [classes] {key} = {name!r}; the class name must be a non-empty string")
-        classes[value] = name.strip()
-    names = list(classes.values())
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise DataError(f"{where}: class '{repeated[0]}' is given to several mask values; use one value")
-    return BatchManifest(name=folder.name, kind=kind, classes=dict(sorted(classes.items())))
+    parsed = parse_manifest(document)
+    if parsed.problems or parsed.classes is None:
+        raise DataError(f"batch '{folder.name}': {parsed.problems[0]}")
+    return BatchManifest(name=folder.name, kind=parsed.kind, classes=dict(sorted(parsed.classes.items())))
 
 
 def _check_split(split: str) -> None:
@@ -172,7 +131,7 @@ def label_lut(value_to_class: Mapping[int, int], keep: Collection[int] | None = 
 
     0 stays background and 255 stays ignore; values not in ``value_to_class`` become ignore (255), so an
     undeclared value never trains as background. With ``keep``, classes outside it become background
-    (method.md: at step t every label not in C_t becomes 0).
+    (docs/method.md: at step t every label not in C_t becomes 0).
     """
     lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
     lut[0] = 0
@@ -291,7 +250,7 @@ def random_crop_box(
 
 
 class TrainTransform:
-    """method.md augmentation: a random resized crop, a horizontal flip, ImageNet normalisation.
+    """docs/method.md augmentation: a random resized crop, a horizontal flip, ImageNet normalisation.
 
     The crop box is :func:`random_crop_box` with an area of ``scale_min``..``scale_max`` times the
     image's (0.5-2.0 in the reference), resized to ``crop_size`` x ``crop_size`` (bilinear for the
@@ -457,7 +416,7 @@ def filter_indices(
     future_classes: Collection[int],
     setting: str,
 ) -> list[int]:
-    """Items a step trains on (method.md): those with a pixel of a new class; in the disjoint setting
+    """Items a step trains on (docs/method.md): those with a pixel of a new class; in the disjoint setting
     also without any pixel of a future class."""
     if setting not in SETTINGS:
         raise ConfigError(f"train.setting: {setting!r} is not one of {', '.join(SETTINGS)}")
@@ -566,7 +525,7 @@ class StepSampler(Sampler):
 def build_memory(
     candidates: Sequence[set[int]], old_classes: Sequence[int], size: int, generator: torch.Generator
 ) -> list[int]:
-    """Indices of a class-balanced exemplar memory (DKD-M, method.md).
+    """Indices of a class-balanced exemplar memory (DKD-M, docs/method.md).
 
     Round-robin over a random order of the old classes; each turn takes one not yet chosen candidate that
     contains the class (candidates visited in a random order), until ``size`` are chosen or none is left.
@@ -594,7 +553,7 @@ def build_memory(
 
 
 def pseudo_label(label: Tensor, teacher_logits: Tensor, threshold: float = 0.9) -> Tensor:
-    """Fill background with the teacher's confident classes (DKD-M candidate sets, method.md).
+    """Fill background with the teacher's confident classes (DKD-M candidate sets, docs/method.md).
 
     label: (H, W) or (N, H, W) int64. teacher_logits: (1 + K, H, W) or (N, 1 + K, H, W) at full
     resolution, channel 0 the auxiliary classifier. A background pixel (label 0) whose top sigmoid score
@@ -770,7 +729,7 @@ def protocol_dataset(
     Train split: the images :func:`filter_indices` keeps for the setting, labelled with the step's
     classes only (others become background). Val split: every image, labelled with the classes seen up
     to this step; classes not yet seen become background (VOC) or ignore (ADE20K), as the reference
-    evaluates (method.md). ``present`` (the label sets of every training image, in list order) saves
+    evaluates (docs/method.md). ``present`` (the label sets of every training image, in list order) saves
     reading every mask again.
     """
     steps = protocol_steps(dataset, protocol)

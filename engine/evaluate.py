@@ -1,7 +1,7 @@
 """Evaluation: the prediction rule, the confusion matrix, partial-label scoring and the summary numbers.
 
-The prediction rule and the IoU formula are those of method.md ("Prediction", "Evaluation"). The
-partial-label scorer implements product.md's rule for batches labelled only for their own classes: a class
+The prediction rule and the IoU formula are those of docs/method.md ("Prediction", "Evaluation"). The
+partial-label scorer is docs/product.md's rule for batches labelled only for their own classes: a class
 is scored on the held-out images of the batches that label it, and predictions of classes a batch does not
 label are not counted against it.
 """
@@ -23,7 +23,7 @@ IGNORE = 255
 
 
 def predict_labels(logits: Tensor) -> Tensor:
-    """The label map of method.md: the class of highest score if its probability exceeds 0.5, else background.
+    """docs/method.md's label map: the most probable class if its probability exceeds 0.5, else background.
 
     ``logits`` is ``(N, 1 + K, H, W)``; channel 0 is the auxiliary classifier and is never predicted.
     Returns ``(N, H, W)`` int64 with values in ``0..K``.
@@ -205,7 +205,7 @@ class Grouping:
 
 @dataclass
 class Metrics:
-    """Per-class IoU and the summary numbers of method.md; NaN marks a number that is undefined.
+    """Per-class IoU and the summary numbers of docs/method.md; NaN marks a number that is undefined.
 
     Two groupings of the same IoUs: the fields ``miou_old``, ``miou_new`` and ``hiou`` are the gate's
     (old = background and every class before the step, new = the step's classes); ``paper`` is the

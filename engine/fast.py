@@ -1,6 +1,6 @@
 """Fast paths for training on a GPU that compute the same step as the plain path of ``engine.train``.
 
-Every switch here changes how a step runs, never what it computes (method.md is unchanged):
+Every switch here changes how a step runs, never what it computes (docs/method.md is unchanged):
 
 - ``channels_last``: NHWC memory layout for the student, the teacher and the images, which tensor-core
   convolutions want; the values are the same, only strides change.
@@ -10,7 +10,7 @@ Every switch here changes how a step runs, never what it computes (method.md is 
 - ``separable_upsample``: bilinear upsampling (align_corners=False) as two matrix products
   ``A_H @ X @ A_W^T``. It is linear and separable, so this is exact; its backward is two matrix products
   as well, instead of the scatter kernel of ``upsample_bilinear2d_backward`` that took 22% of the GPU
-  time of the reference step's student in the project's H100 profile (shared notes, gpu-profile.md).
+  time of the reference step's student in the project's H100 profile (docs/benchmarks.md, "GPU throughput").
 - ``teacher_inference_mode``: the teacher runs under ``torch.inference_mode`` rather than ``no_grad``
   (no view or version-counter bookkeeping; no difference measurable on a CPU).
 - ``prefetch``: the next batch is copied to the GPU on a side stream while the current one trains.
@@ -46,7 +46,7 @@ M = TypeVar("M", bound="torch.nn.Module | None")
 
 @dataclass(frozen=True)
 class FastPaths:
-    """Which fast paths a training step uses; each keeps the math of method.md (see the module doc)."""
+    """Which fast paths a training step uses; each keeps the math of docs/method.md (see the module doc)."""
 
     channels_last: bool = False
     bf16_autocast: bool = False  # with train.amp, the CPU autocasts to bfloat16 too (CUDA always does)

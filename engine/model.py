@@ -1,4 +1,4 @@
-"""The DKD segmenter of method.md: a dilated backbone, the DeepLabV3 head and a bank of per-step classifiers.
+"""The DKD segmenter of docs/method.md: a dilated backbone, the DeepLabV3 head, per-step classifiers.
 
 The network is built from torchvision parts. Its logits put the auxiliary classifier in channel 0 and
 class k in channel k (background has no channel), all at feature resolution (h = H / output stride).
@@ -14,6 +14,7 @@ import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,8 @@ def _dilate_basic_layer(layer: nn.Sequential, previous_dilation: int) -> None:
     the spatial size.
     """
     dilation = previous_dilation * 2
-    for index, block in enumerate(layer):
+    blocks: list[Any] = list(layer)  # torchvision Bottleneck/BasicBlock: conv1, conv2, downsample, stride
+    for index, block in enumerate(blocks):
         for conv, rate in (
             (block.conv1, previous_dilation if index == 0 else dilation),
             (block.conv2, dilation),
@@ -193,7 +195,7 @@ class DKDSegmenter(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.aux_classifier = nn.Conv2d(FEATURE_CHANNELS, 1, 1, bias=True)
-        # The reference's init (method.md): Kaiming-normal weights for the ASPP, the 3x3 head conv and
+        # The reference's init (docs/method.md): Kaiming-normal weights for the ASPP, the 3x3 head conv and
         # every classifier; PyTorch's default is about 2.4x narrower. Biases keep PyTorch's default.
         for module in (*self.head.modules(), self.aux_classifier):
             if isinstance(module, nn.Conv2d):
@@ -210,7 +212,7 @@ class DKDSegmenter(nn.Module):
     def forward(self, images: Tensor) -> SegOutput:
         """images (N, 3, H, W) -> logits (N, 1 + K, h, w) and features (N, 256, h, w)."""
         features = self.head(self.backbone(images)["out"])  # (N, 256, h, w)
-        # The stop-gradient keeps the AC loss from shaping the features (method.md).
+        # The stop-gradient keeps the AC loss from shaping the features (docs/method.md).
         aux = self.aux_classifier(features.detach())  # (N, 1, h, w)
         logits = torch.cat([aux, *(classifier(features) for classifier in self.classifiers)], dim=1)
         return SegOutput(logits=logits, features=features)
@@ -224,14 +226,14 @@ class DKDSegmenter(nn.Module):
         if not 1 <= num_classes <= self.num_classes:
             raise ValueError(f"num_classes: {num_classes} must be between 1 and {self.num_classes}")
         # (num_classes, 256, 1, 1): the rows of classes 1..num_classes across the step classifiers
-        weight = torch.cat([classifier.weight for classifier in self.classifiers])[:num_classes]
+        weight = torch.cat([cast(nn.Conv2d, c).weight for c in self.classifiers])[:num_classes]
         return F.conv2d(features, weight.clamp(min=0)), F.conv2d(features, weight.clamp(max=0))
 
     def add_step(self, num_new: int, init_from_aux: bool = True) -> None:
         """Append the classifier g_t of ``num_new`` classes.
 
         With ``init_from_aux`` every output row (weight and bias) starts as a copy of the auxiliary
-        classifier, as method.md prescribes for t >= 1; otherwise Kaiming-normal weights.
+        classifier, as docs/method.md prescribes for t >= 1; otherwise Kaiming-normal weights.
         """
         if num_new < 1:
             raise ValueError(f"num_new: {num_new} must be at least 1")
@@ -242,7 +244,8 @@ class DKDSegmenter(nn.Module):
         if init_from_aux:
             with torch.no_grad():
                 classifier.weight.copy_(aux.weight.expand_as(classifier.weight))
-                classifier.bias.copy_(aux.bias.expand_as(classifier.bias))
+                bias, aux_bias = cast(Tensor, classifier.bias), cast(Tensor, aux.bias)  # both have one
+                bias.copy_(aux_bias.expand_as(bias))
         else:
             nn.init.kaiming_normal_(classifier.weight)
         self.classifiers.append(classifier)
@@ -286,6 +289,6 @@ def build_model(config: ModelConfig, step_sizes: Sequence[int]) -> DKDSegmenter:
     return model
 
 
-def upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """(N, C, h, w) -> (N, C, *size), bilinear with align_corners=False as method.md prescribes."""
+def upsample(logits: Tensor, size: tuple[int, ...]) -> Tensor:
+    """(N, C, h, w) -> (N, C, *size), bilinear with align_corners=False as docs/method.md prescribes."""
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

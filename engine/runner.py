@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from engine.checkpoint import load_model_files, save_model
 from engine.config import EngineConfig
@@ -34,7 +34,7 @@ from engine.exceptions import CheckpointError, ConfigError, DataError
 from engine.model import DKDSegmenter, build_model, upsample
 from engine.train import Progress, TrainResult, new_class_ids, train_step
 
-EvalGroup = tuple[str, set[int] | None, Dataset]  # (name, labelled classes or None: all, dataset)
+EvalGroup = tuple[str, set[int] | None, SegmentationFiles]  # (name, labelled classes or None: all, dataset)
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def memory_dataset(
     teacher: DKDSegmenter,
     device: torch.device,
 ) -> SegmentationFiles | None:
-    """DKD-M: choose ``memory_size`` earlier training images balanced over old classes (method.md).
+    """DKD-M: choose ``memory_size`` earlier training images balanced over old classes (docs/method.md).
 
     ``pool`` is the candidates twice: as ground truth without augmentation, and as the training view
     (labels of the new classes only). An image's classes are its ground truth plus, from step 2 on, the
@@ -252,7 +252,7 @@ def evaluate_model(
 
     ``num_classes`` counts every class taught so far (without background); a model that knows fewer
     classes (the current model, when scoring a candidate) simply never predicts the others. With
-    ``base_classes`` the paper's grouping is reported too. Evaluation runs in float32 (method.md).
+    ``base_classes`` the paper's grouping is reported too. Evaluation runs in float32 (docs/method.md).
     """
     loaders = [
         (name, labelled, DataLoader(dataset, batch_size=1, num_workers=0))

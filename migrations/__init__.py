@@ -1,1 +1,1 @@
-"""Alembic migrations of the ciss catalog. ``ciss_daemon.catalog.upgrade_catalog`` runs them."""
+"""Alembic migrations of the ciss catalog. ``ciss_daemon.catalog.connection.upgrade_catalog`` runs them."""

@@ -9,8 +9,8 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from ciss_daemon.catalog import WRITE_OPTIONS, make_engine
-from ciss_daemon.db import Base
+from ciss_daemon.catalog.connection import WRITE_OPTIONS, make_engine
+from ciss_daemon.catalog.tables import Base
 
 config = context.config
 # Only when run as `alembic -c migrations/alembic.ini`: inside the daemon, logging is the daemon's own.

@@ -1,5 +1,6 @@
 """Shared pytest hooks: tests marked ``gpu`` skip cleanly on a machine without CUDA; the catalog backends
-(SQLite, and PostgreSQL from a throwaway server, see tests/postgres.py) that tests are parametrised over."""
+(SQLite, and PostgreSQL from a throwaway server, see tests/helpers/postgres.py) that tests are parametrised
+over."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def postgres() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[str]:
-    """A Ray head on 127.0.0.1 for the session (tests/rayhead.py), as ``host:port``; skips (fails under
+    """A Ray head on 127.0.0.1 for the session (helpers/rayhead.py), as ``host:port``; skips (fails under
     ``.ci/run``) when Ray is not installed."""
     try:
         context = rayhead.ray_head()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from batchmaker import make_batch
-from test_status import add_steps, runner
-from test_visualize import _save_model
+from model_helpers import _save_model
+from status_helpers import add_steps, runner
 
 from ciss_daemon.cli import app
 from ciss_daemon.workspace import Workspace, find_workspace

@@ -3,7 +3,7 @@
 A Starlette app (``app.py``) renders Jinja2 templates (autoescaped) and serves ``/metrics``
 (``metrics.py``); charts are drawn in the browser by the vendored Chart.js in ``static/``. It reads the
 catalog and the job folders only and never imports torch; operator actions go through
-:func:`ciss_daemon.operator.run_action`, as ``ciss promote`` does. Its packages are the optional extra
+:func:`ciss_daemon.service.operator.run_action`, as ``ciss promote`` does. Its packages are the optional extra
 ``ciss[web]``: this module imports none of them until :func:`require` has checked they are there.
 """
 

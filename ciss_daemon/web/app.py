@@ -5,7 +5,7 @@ Who may do what:
 - Operator actions need ``[web] token``; without one the dashboard is read-only. The token travels in an
   ``Authorization: Bearer`` header set by the page's script, never in a cookie, so another site cannot make
   a browser send it (no ambient credentials: nothing to forge); a request whose ``Origin`` is another site
-  is refused as well. Actions go through :func:`ciss_daemon.operator.run_action`, exactly as the CLI's
+  is refused as well. Actions go through :func:`ciss_daemon.service.operator.run_action`, exactly as the CLI's
   (to the running daemon through ``requests/``, or under its lock when none runs).
 - Files: only the packaged ``static/`` folder and the sample pictures are served, through
   :func:`safe_file`, which refuses ``..``, absolute paths, encoded slashes and symbolic links.
@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,9 +34,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ciss_daemon import catalog, status
+from ciss_daemon import status
+from ciss_daemon.catalog import connection
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.operator import run_action
+from ciss_daemon.service.operator import run_action
 from ciss_daemon.settings import Settings
 from ciss_daemon.web import data as dashboard_data
 from ciss_daemon.web import metrics, samples
@@ -68,7 +70,7 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
 
-        async def with_headers(message: dict[str, Any]) -> None:
+        async def with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], *SECURITY_HEADERS]
@@ -142,8 +144,8 @@ class Dashboard:
     def factory(self) -> sessionmaker[Session]:
         """The catalog, opened read-only on first use (a dashboard may start before the daemon made it)."""
         if self._factory is None:
-            catalog.check_catalog(self.url)
-            self._factory = catalog.session_factory(catalog.make_engine(self.url, read_only=True))
+            connection.check_catalog(self.url)
+            self._factory = connection.session_factory(connection.make_engine(self.url, read_only=True))
             self.registry = metrics.registry(self.ws, self._factory)
         return self._factory
 

@@ -15,11 +15,22 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import catalog, status
-from ciss_daemon.db import Batch, Class, Event, Job, ModelVersion, Rejection, Step
-from ciss_daemon.jobs import read_json
+from ciss_daemon import status
+from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.tables import (
+    Batch,
+    Class,
+    Event,
+    Job,
+    JobState,
+    ModelVersion,
+    Rejection,
+    Step,
+    StepState,
+)
+from ciss_daemon.service.jobs import read_json
+from ciss_daemon.service.worker import PROGRESS
 from ciss_daemon.settings import Settings
-from ciss_daemon.worker import PROGRESS
 from ciss_daemon.workspace import Workspace
 
 CHART_STEPS = 30
@@ -49,7 +60,7 @@ def running(ws: Workspace, s: Session) -> dict[str, Any] | None:
         select(Job, Step.index, Batch.name)
         .join(Step, Job.step_id == Step.id)
         .join(Batch, Step.batch_id == Batch.id)
-        .where(Job.state == "running")
+        .where(Job.state == JobState.RUNNING)
         .order_by(Job.id)
         .limit(1)
     ).first()
@@ -92,11 +103,11 @@ def _running_fields(
 
 def live(ws: Workspace, factory: sessionmaker[Session]) -> dict[str, Any]:
     """What the page polls every second: the running job, the daemon, and the catalog's revision."""
-    from ciss_daemon import service
+    from ciss_daemon.service import systemd
 
     with factory() as s:
         return {
-            "daemon": service.daemon_alive(ws.lock_path),
+            "daemon": systemd.daemon_alive(ws.lock_path),
             "running": running(ws, s),
             "revision": revision(s),
         }
@@ -114,7 +125,7 @@ def _hiou(old: float | None, new: float | None) -> float | None:
 
 
 def paper_grouping(iou: dict[str, float | None], base_ids: set[int]) -> dict[str, float | None]:
-    """mIoU in method.md's grouping: old = background and the base classes, new = every later class."""
+    """mIoU in docs/method.md's grouping: old = background and the base classes, new = every later class."""
     old = [v for k, v in iou.items() if int(k) == 0 or int(k) in base_ids]
     new = [v for k, v in iou.items() if int(k) != 0 and int(k) not in base_ids]
     miou_old, miou_new = _nanmean(old), _nanmean(new)
@@ -134,7 +145,11 @@ def _lineage(s: Session, current_step: int) -> tuple[list[dict[str, Any]], int]:
         .join(ModelVersion, ModelVersion.step_id == Step.id)
         .join(Batch, Step.batch_id == Batch.id)
         # a promoted step has one version that was promoted (retired since, or current)
-        .where(Step.state == "promoted", Step.index <= current_step, ModelVersion.promoted_at.is_not(None))
+        .where(
+            Step.state == StepState.PROMOTED,
+            Step.index <= current_step,
+            ModelVersion.promoted_at.is_not(None),
+        )
     )
     total = s.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = [
@@ -207,13 +222,13 @@ def _charts(s: Session, steps: list[dict[str, Any]], known: dict[int, VersionMet
         shown_note = f"the {HEATMAP_CLASSES} classes that lost the most IoU since their first score here"
     names = {cid: name for cid, name in s.execute(select(Class.id, Class.name).where(Class.id.in_(ids)))}
     # rows: classes, columns: steps of the window; None where a class was not scored
-    values = [[_round(iou.get(str(cid))) for iou in iou_columns] for cid in ids]
+    heat = [[_round(iou.get(str(cid))) for iou in iou_columns] for cid in ids]
     ordered = _loss_order(losses)
     return {
         "steps": labels,
         "first_step": first,
         "miou": miou,
-        "heatmap": {"classes": [_name(names, cid) for cid in ids], "values": values, "note": shown_note},
+        "heatmap": {"classes": [_name(names, cid) for cid in ids], "values": heat, "note": shown_note},
         "loss": {"labels": loss_labels, "terms": {k: losses[k] for k in ordered}},
     }
 
@@ -224,7 +239,7 @@ def _round(value: float | None) -> float | None:
 
 
 def _loss_order(terms: dict[str, Any]) -> list[str]:
-    """Loss terms in the order of method.md's weighted sum, then any others by name."""
+    """Loss terms in the order of docs/method.md's weighted sum, then any others by name."""
     return [k for k in LOSS_ORDER if k in terms] + sorted(set(terms) - set(LOSS_ORDER))
 
 

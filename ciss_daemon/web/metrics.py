@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import status
-from ciss_daemon.db import STEP_STATES, Rejection, Step
+from ciss_daemon.catalog.tables import STEP_STATES, Rejection, Step, StepState
 from ciss_daemon.web.data import running
 from ciss_daemon.workspace import Workspace
 
@@ -38,7 +38,7 @@ class CatalogCollector(Collector):
         with self.factory() as s:
             job = running(self.ws, s)
             rejections = s.scalar(select(func.count(Rejection.id))) or 0
-            held_since = s.scalar(select(func.min(Step.updated_at)).where(Step.state == "held"))
+            held_since = s.scalar(select(func.min(Step.updated_at)).where(Step.state == StepState.HELD))
         yield from self._daemon(data)
         yield from self._steps(data, held_since)
         yield from self._job(job)

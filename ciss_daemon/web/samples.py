@@ -60,18 +60,18 @@ def draw(ws: Workspace, samples: int = SAMPLES) -> Path | None:
     import numpy as np
     from PIL import Image
 
-    from ciss_daemon import catalog
-    from ciss_daemon.planning import report_data
-    from ciss_daemon.promotion import resolve_current
+    from ciss_daemon.catalog import connection
+    from ciss_daemon.outputs.predict import colour_mask, palette
+    from ciss_daemon.service.planning import report_data
+    from ciss_daemon.service.promotion import resolve_current
     from ciss_daemon.settings import load_settings
-    from ciss_daemon.visualize import colour_mask, palette
 
     model_dir = resolve_current(ws.models)
     if model_dir is None:
         return None
     settings = load_settings(ws.settings_path)
     url = ws.catalog_url(settings)
-    factory = catalog.session_factory(catalog.make_engine(url, read_only=True))
+    factory = connection.session_factory(connection.make_engine(url, read_only=True))
     data = report_data(ws, factory, samples=samples)
     colours = palette(max(data.class_names, default=0))
     target = folder(ws) / model_dir.name

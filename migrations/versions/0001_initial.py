@@ -15,7 +15,7 @@ down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Written out rather than imported from ciss_daemon.db: a migration records the schema as it was then.
+# Written out rather than imported from catalog/tables.py: a migration records the schema as it was then.
 STEP_STATES = (
     "'accepted', 'queued', 'training', 'evaluating', 'promoted', 'held', 'failed', 'discarded', 'rolled_back'"
 )

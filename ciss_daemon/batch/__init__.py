@@ -1,0 +1,1 @@
+"""Taking batches in: the batch format and its validation, the inbox."""

@@ -1,0 +1,1 @@
+"""What is made from models: predictions, the HTML report, ONNX export."""

@@ -1,0 +1,84 @@
+"""How many training processes a step gets (``daemon.gpus``, ``daemon.cpu_ranks``), and how they start."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from ciss_daemon.exceptions import SettingsError
+from ciss_daemon.service.launch import Launch, plan_launch, visible_gpus, worker_command
+from ciss_daemon.settings import DaemonSettings, parse_settings
+
+
+def daemon(**values: object) -> DaemonSettings:
+    lines = "\n".join(f"{k} = {v}" for k, v in values.items())
+    return parse_settings(f"[daemon]\n{lines}\n").daemon
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [('"all"', "all"), ("2", 2), ("[0, 1]", [0, 1]), ("[3]", [3])],
+)
+def test_gpus_takes_all_a_count_or_a_list(toml: str, expected: object) -> None:
+    assert daemon(gpus=toml).gpu_request() == expected
+
+
+@pytest.mark.parametrize(
+    ("toml", "shown"), [("0", "0"), ("[1, 1]", "[1,1]"), ('"two"', '"two"'), ("[]", "[]")]
+)
+def test_a_bad_gpus_value_is_one_line_naming_it(toml: str, shown: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        daemon(gpus=toml)
+    assert str(caught.value) == (
+        f'ciss.toml: daemon.gpus: {shown} is not "all", a count such as 2, or a list of distinct GPU indices '
+        "such as [0, 1]"
+    )
+
+
+def test_every_gpu_of_the_box_by_default() -> None:
+    assert plan_launch(daemon(), gpus=["0", "1", "2"]) == Launch(3, "cuda", "0,1,2", 300.0)
+    assert plan_launch(daemon(gpus=2), gpus=["0", "1", "2"]) == Launch(2, "cuda", "0,1", 300.0)
+    # Indices count the GPUs the daemon sees: with CUDA_VISIBLE_DEVICES=3,5,7, [0, 2] is GPUs 3 and 7.
+    assert plan_launch(daemon(gpus="[0, 2]"), gpus=["3", "5", "7"]) == Launch(2, "cuda", "3,7", 300.0)
+
+
+def test_one_gpu_is_one_plain_process() -> None:
+    assert plan_launch(daemon(), gpus=["0"]) == Launch(1, "cuda:0", None, 300.0)
+    assert plan_launch(daemon(gpus="[1]"), gpus=["0", "1"]) == Launch(1, "cuda:1", None, 300.0)
+    assert plan_launch(daemon(device='"cuda:1"'), gpus=["0", "1"]) == Launch(1, "cuda:1", None, 300.0)
+
+
+def test_the_cpu_trains_with_cpu_ranks() -> None:
+    assert plan_launch(daemon(device='"cpu"'), gpus=["0", "1"]) == Launch(1, "cpu", None, 300.0)
+    assert plan_launch(daemon(device='"cpu"', cpu_ranks=2), gpus=[]) == Launch(2, "cpu", None, 300.0)
+    assert plan_launch(daemon(cpu_ranks=2, rank_timeout_seconds=30), gpus=[]) == Launch(2, "cpu", None, 30.0)
+
+
+def test_more_gpus_than_visible_are_refused_in_one_line() -> None:
+    with pytest.raises(SettingsError) as caught:
+        plan_launch(daemon(gpus=4), gpus=["0", "1"])
+    assert str(caught.value) == 'daemon.gpus: 4 GPUs asked for but 2 visible; use "all" or at most 2'
+    with pytest.raises(SettingsError) as caught:
+        plan_launch(daemon(gpus="[0, 5]"), gpus=["0", "1"])
+    assert str(caught.value) == "daemon.gpus: GPU 5 is not visible (indices 0 to 1 are); fix the list"
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-abc")
+    assert visible_gpus() == ["2", "GPU-abc"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+
+
+def test_several_ranks_start_under_torch_distributed_run(tmp_path: Path) -> None:
+    assert worker_command(tmp_path, Launch(1, "cpu")) == (
+        [sys.executable, "-m", "ciss_daemon.service.worker", str(tmp_path)],
+        {},
+    )
+    command, env = worker_command(tmp_path, Launch(2, "cuda", "0,3", 60.0))
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=2" in command and "--standalone" in command
+    assert command[-3:] == ["-m", "ciss_daemon.service.worker", str(tmp_path)]
+    assert env == {"CISS_RANK_TIMEOUT": "60.0", "CUDA_VISIBLE_DEVICES": "0,3"}
