@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -80,8 +81,8 @@ def load_protocol(folders: Sequence[Path]) -> Protocol:
 def cpu_config(method: str = "dkd") -> EngineConfig:
     """Settings for generated 64x64 data on a CPU: a light backbone, pre-trained once, short schedules.
 
-    Every rule of method.md is kept; these values differ from the VOC reference, for minutes-long runs on a
-    CPU (measured, see docs/benchmarks.md):
+    Every rule of docs/method.md is kept; these values differ from the VOC reference, for minutes-long runs
+    on a CPU (measured, see docs/benchmarks.md):
     - ResNet-18 at output stride 8 (64x64 images keep 8x8 features), its backbone pre-trained once on
       generated classes that no protocol uses (``model.pretrained = "synthetic"``, engine.pretrain), as the
       paper starts from ImageNet features: from scratch, new classes arrive into features that cannot
@@ -272,7 +273,7 @@ class SeedRun:
 
 def prepare_seed(out: Path, data: AblationData, seed: int) -> SeedRun:
     """Generate the protocol's batches and their fully labelled twins for joint training."""
-    common = dict(
+    common: dict[str, Any] = dict(
         train_per_step=data.train_per_step,
         val_per_step=data.val_per_step,
         image_size=data.image_size,
@@ -330,7 +331,7 @@ def train_ablation_run(run: SeedRun, name: str, config: EngineConfig, quiet: boo
 def run_joint(
     joint: Protocol, protocol: Protocol, config: EngineConfig, workdir: Path, console: Console, label: str
 ) -> Metrics:
-    """Joint training (method.md): one step 0 over every class with full labels, step 0's schedule."""
+    """Joint training (docs/method.md): one step 0 over every class with full labels, step 0's schedule."""
     request = StepRequest(
         step_index=0,
         step_sizes=joint.step_sizes,

@@ -1,4 +1,4 @@
-"""Every loss term of method.md, side by side, and their weighted total.
+"""Every loss term of docs/method.md, side by side, and their weighted total.
 
 Each term is binary cross-entropy with logits, averaged over (N, H, W) per channel and summed over the
 channels it covers, i.e. the elementwise BCE summed and divided by N * H * W. Terms are computed in float32
@@ -90,7 +90,7 @@ def ac_loss(aux_logits: Tensor) -> Tensor:
 
 
 def weighted_total(terms: Mapping[str, Tensor], weights: LossConfig) -> Tensor:
-    """The loss of method.md; a term absent from ``terms`` (step 0, ablations) counts as 0."""
+    """The loss of docs/method.md; a term absent from ``terms`` (step 0, ablations) counts as 0."""
     unknown = sorted(set(terms) - set(LOSS_TERMS))
     if not terms or unknown:
         raise ValueError(f"weighted_total: terms {sorted(terms)} must be a non-empty subset of {LOSS_TERMS}")

@@ -35,7 +35,7 @@ log = logging.getLogger("ciss.engine.pretrain")
 
 @dataclass(frozen=True)
 class PretrainRecipe:
-    """How the cached backbone is trained: a base step of method.md on the pre-training classes."""
+    """How the cached backbone is trained: a base step of docs/method.md on the pre-training classes."""
 
     images: int = 256
     image_size: int = 64

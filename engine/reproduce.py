@@ -4,7 +4,7 @@
     python -m engine.reproduce ade --protocol 100-10 --root ADEChallengeData2016 --out runs/ade --memory
 
 It trains DKD (and DKD-M with ``--memory``), fine-tuning and joint training over every step of the
-protocol with the reference settings of method.md (:func:`reference_config`, changed by ``--config``),
+protocol with the reference settings of docs/method.md (:func:`reference_config`, changed by ``--config``),
 evaluates each step on the validation set resized to 512 on the short side and centre-cropped, and
 writes ``results.json``, ``results.md`` (the paper's table: measured beside published figures, paper
 grouping) and ``miou.png``. A step whose model is saved is not trained again, and an unfinished step
@@ -49,7 +49,7 @@ METHOD_LABELS = {
 }
 MEMORY_SIZE = {"voc": 100, "ade": 300}
 
-# Published figures, overlapped setting, ResNet-101 (method.md: the reference implementation's README
+# Published figures, overlapped setting, ResNet-101 (docs/method.md: the reference implementation's README
 # and the paper's joint-training rows). (mIoU all, hIoU) for DKD and DKD-M; (old, new, all) for joint.
 PUBLISHED: dict[tuple[str, str], dict[str, tuple[float, ...]]] = {
     ("voc", "19-1"): {"dkd": (76.13, 56.95), "dkd_m": (77.04, 68.14)},
@@ -64,7 +64,7 @@ PUBLISHED: dict[tuple[str, str], dict[str, tuple[float, ...]]] = {
 
 
 def reference_config(dataset: str) -> EngineConfig:
-    """The reference's settings (method.md, "Optimisation"): VOC or ADE20K."""
+    """The reference's settings (docs/method.md, "Optimisation"): VOC or ADE20K."""
     model = ModelConfig(backbone="resnet101", output_stride=16, pretrained="imagenet")
     if dataset == "voc":
         return EngineConfig(
