@@ -63,9 +63,9 @@ def make_engine(url: str, *, foreign_keys: bool = True, read_only: bool = False)
     :func:`_read_only_sqlite`).
     """
     parsed = _parse_url(url)
-    read_only_url = _read_only_sqlite(parsed) if read_only else None
-    if read_only_url is not None:
-        engine = create_engine(read_only_url)
+    read_only_file = _read_only_sqlite(parsed) if read_only else None
+    if read_only_file is not None:
+        engine = _read_only_engine(read_only_file)
         _configure_sqlite(engine, foreign_keys=foreign_keys, read_only=True)
         return engine
     engine = _create(parsed, pool_pre_ping=parsed.get_backend_name() != "sqlite")
@@ -157,24 +157,48 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(url.database)
 
 
-def _read_only_sqlite(url: URL) -> URL | None:
-    """The SQLite catalog opened read-only, for a reader that cannot write its folder; else None.
-
-    In WAL mode SQLite reads through the ``-wal`` and ``-shm`` files beside the catalog and creates them
-    when they are missing, which a user who cannot write the workspace (``ciss status`` run by someone
-    else than the service's user) cannot do: every read then fails with "attempt to write a readonly
-    database". While a daemon runs (or after it crashed) the files exist and a ``mode=ro`` connection
-    reads through them. A stopped daemon removes them with its last connection, and then the file alone
-    holds every committed change, so it is read as ``immutable``, without them.
-    """
+def _read_only_sqlite(url: URL) -> Path | None:
+    """The SQLite catalog's file when this process cannot write its folder and must open it read-only."""
     path = _sqlite_file(url)
     if path is None or url.query.get("uri") or not path.exists():
         return None
     if os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
         return None
+    return path.resolve()
+
+
+def _read_only_engine(path: Path) -> Engine:
+    # No pool: each session opens afresh, so a long-lived reader (the dashboard) sees a daemon start.
+    return create_engine("sqlite://", creator=lambda: _open_read_only(path), poolclass=NullPool)
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """The catalog at ``path`` opened read-only, by a user who cannot write its folder.
+
+    In WAL mode SQLite reads through the ``-wal`` and ``-shm`` files beside the catalog and creates them
+    when they are missing, which a user who cannot write the workspace (``ciss status`` run by someone
+    else than the service's user) cannot do: the read then fails with "attempt to write a readonly
+    database". While a daemon runs (or after it crashed) the files exist and a ``mode=ro`` connection
+    reads through them. A stopped daemon removes them with its last connection, and then the file alone
+    holds every committed change, so it is read as ``immutable``, without them. The files also come and
+    go while the owner runs ``ciss status`` against a stopped daemon, so the choice is checked by a first
+    read and made again when the files vanished in between.
+    """
     wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
-    options = "mode=ro" if wal.exists() or shm.exists() else "mode=ro&immutable=1"
-    return make_url(f"sqlite:///file:{quote(str(path.resolve()))}?{options}&uri=true")
+    for _ in range(3):
+        through_wal = wal.exists() or shm.exists()
+        options = "mode=ro" if through_wal else "mode=ro&immutable=1"
+        connection = sqlite3.connect(f"file:{quote(str(path))}?{options}", uri=True, check_same_thread=False)
+        if not through_wal:
+            return connection
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens the WAL index
+            return connection
+        except sqlite3.OperationalError:
+            connection.close()
+            if wal.exists() or shm.exists():
+                raise
+    raise sqlite3.OperationalError(f"{path}: its -wal and -shm files keep appearing and vanishing")
 
 
 class DaemonLease:
@@ -242,7 +266,11 @@ def _quoted(value: str) -> str:
 def _read_revision(url: URL) -> tuple[str | None, bool]:
     """The catalog's schema revision and whether it holds any table, read without changing the file."""
     # A plain engine, not make_engine: switching a file to WAL would change it before its revision is known.
-    engine = _create(_read_only_sqlite(url) or url, poolclass=NullPool)
+    read_only_file = _read_only_sqlite(url)
+    if read_only_file is not None:
+        engine = _read_only_engine(read_only_file)
+    else:
+        engine = _create(url, poolclass=NullPool)
     try:
         with engine.connect() as connection:
             tables = inspect(connection).get_table_names()

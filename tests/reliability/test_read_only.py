@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from batchmaker import make_batch
 from typer.testing import CliRunner
 
+from ciss_daemon.catalog import connection
 from ciss_daemon.cli import app
 from ciss_daemon.workspace import _user_name
 
@@ -83,3 +86,36 @@ def test_a_workspace_of_another_user_names_its_owner(
         f"Error: cannot write {lock}: permission denied for {me}; run the command as its owner "
         f"(`sudo -u {owner} ciss ...`) or give {me} write access\n"
     )
+
+
+def test_a_reader_that_cannot_write_survives_the_wal_files_vanishing_as_it_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner's last connection removes -wal and -shm between the reader's look and its first read: the
+    # read-through-WAL open then fails, and the reader opens the file alone, which holds every commit.
+    path = tmp_path / "catalog.sqlite"
+    with closing(sqlite3.connect(path)) as owner:
+        owner.execute("PRAGMA journal_mode = WAL")
+        owner.execute("CREATE TABLE steps (id INTEGER)")
+        owner.execute("INSERT INTO steps VALUES (7)")
+        owner.commit()
+    wal = path.with_name(path.name + "-wal")
+    wal.write_bytes(b"")
+    real_connect = sqlite3.connect
+
+    class CannotInitialise:  # what a read-only reader meets when -shm is missing and it cannot create it
+        def execute(self, *_: Any) -> None:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+        def close(self) -> None:
+            pass
+
+    def connect(database: str, **kwargs: Any) -> Any:
+        if "immutable" not in database:
+            wal.unlink()  # the owner's status ended as the reader opened
+            return CannotInitialise()
+        return real_connect(database, **kwargs)
+
+    monkeypatch.setattr(connection.sqlite3, "connect", connect)
+    with closing(connection._open_read_only(path)) as reader:
+        assert reader.execute("SELECT id FROM steps").fetchall() == [(7,)]
