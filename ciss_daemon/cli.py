@@ -98,11 +98,11 @@ def _open_to_read(workspace: Path | None) -> tuple[Any, Any]:
     try:
         return ws, load_settings(ws.settings_path)
     except SettingsError as error:
-        from ciss_daemon.service import systemd
+        from ciss_daemon.workspace import daemon_alive
 
         running = (
             "the running daemon keeps the settings it started with"
-            if systemd.daemon_alive(ws.lock_path)
+            if daemon_alive(ws.lock_path)
             else "`ciss daemon` will not start"
         )
         typer.echo(f"Warning: {error}; {running} until the file is fixed", err=True)
@@ -263,22 +263,28 @@ def status(
     Example: ciss status --watch
     """
     from ciss_daemon import status as status_view
+    from ciss_daemon import views
+    from ciss_daemon.catalog.connection import reading
 
     ws, settings = _open_to_read(workspace)
     factory = _reader(ws, settings)
+
+    def snapshot() -> dict[str, Any]:
+        with reading(factory) as read:
+            return status_view.snapshot(ws, read, settings=settings)
+
     if as_json:
-        print(json.dumps(status_view.snapshot(ws, factory, settings=settings), indent=2))
+        print(json.dumps(snapshot(), indent=2))
         return
     if not watch:
-        console.print(status_view.render(status_view.snapshot(ws, factory, settings=settings), ws))
+        console.print(views.render(snapshot(), ws))
         return
     from rich.live import Live
 
     with Live(console=console, auto_refresh=False) as live:
         try:
             while True:
-                data = status_view.snapshot(ws, factory, settings=settings)
-                live.update(status_view.render(data, ws), refresh=True)
+                live.update(views.render(snapshot(), ws), refresh=True)
                 time.sleep(1.0)
         except KeyboardInterrupt:
             pass
@@ -294,14 +300,15 @@ def classes(
 
     Example: ciss classes --json
     """
-    from ciss_daemon import status as status_view
+    from ciss_daemon import views
+    from ciss_daemon.catalog.listings import class_rows
 
     ws, settings = _open_to_read(workspace)
-    rows = status_view.class_rows(_reader(ws, settings))
+    rows = class_rows(_reader(ws, settings))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    console.print(status_view.class_table(rows))
+    console.print(views.class_table(rows))
 
 
 @app.command()
@@ -315,14 +322,15 @@ def models(
 
     Example: ciss models --json
     """
-    from ciss_daemon import status as status_view
+    from ciss_daemon import views
+    from ciss_daemon.catalog.listings import model_rows
 
     ws, settings = _open_to_read(workspace)
-    rows = status_view.model_rows(_reader(ws, settings))
+    rows = model_rows(_reader(ws, settings))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    console.print(status_view.model_table(rows))
+    console.print(views.model_table(rows))
 
 
 # --- operator ----------------------------------------------------------------------------------------------
@@ -463,7 +471,7 @@ def eval_(
     """
     from rich.status import Status
 
-    from ciss_daemon import status as status_view
+    from ciss_daemon import views
     from ciss_daemon.service.planning import evaluate_version
 
     ws, settings = _open(workspace)
@@ -485,7 +493,7 @@ def eval_(
         markup=False,
         highlight=False,
     )
-    console.print(status_view.metrics_table(metrics, names))
+    console.print(views.metrics_table(metrics, names))
 
 
 @app.command()
@@ -655,9 +663,5 @@ def experiment(
     reproduce(plan_run(dataset, protocol, root, out, config_path=config, **options), console=console)
 
 
-def main() -> None:
+if __name__ == "__main__":  # python -m ciss_daemon.cli: always the full command, without entry.py's fast path
     app()
-
-
-if __name__ == "__main__":
-    main()

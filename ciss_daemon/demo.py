@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import status
+from ciss_daemon import status, views
 from ciss_daemon.batch.inbox import submit_folder
 from ciss_daemon.catalog import connection
 from ciss_daemon.exceptions import CissError
@@ -130,7 +131,7 @@ def run_demo(
             submit_folder(folder, ws.inbox)
             console.print(f"submitted [bold]{folder.name}[/] (step {index})")
             _follow_step(ws, factory, url, index, daemon, log_path, console)
-        _wait_for(lambda: bool(status.snapshot(ws, factory)["rejections"]), daemon, log_path, "the rejection")
+        _wait_for(lambda: bool(_snapshot(ws, factory)["rejections"]), daemon, log_path, "the rejection")
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
@@ -138,7 +139,7 @@ def run_demo(
                 daemon.wait(60)
             except subprocess.TimeoutExpired:
                 daemon.kill()
-    console.print(status.render(status.snapshot(ws, factory), ws))
+    console.print(views.render(_snapshot(ws, factory), ws))
     from ciss_daemon.outputs.report import build_report
     from ciss_daemon.service.planning import report_data
 
@@ -152,6 +153,11 @@ def run_demo(
     console.print(f"  rejected batch:    {ws.rejected}  (REJECTED.txt says why)")
     console.print(f"  status:            ciss status -w {ws.root}")
     console.print(f"  daemon log:        {log_path}")
+
+
+def _snapshot(ws: Workspace, factory: sessionmaker[Session]) -> dict[str, Any]:
+    with connection.reading(factory) as read:
+        return status.snapshot(ws, read)
 
 
 def _broken_copy(source: Path, target: Path) -> Path:
@@ -211,7 +217,7 @@ def _follow_step(
         task = bar.add_task("step", total=None, phase="queued", loss="-")
         deadline = time.monotonic() + 1800
         while True:
-            data = status.snapshot(ws, factory)
+            data = _snapshot(ws, factory)
             step = next((s for s in data["steps"] if s["index"] == index), {"state": "waiting"})
             state = step["state"]
             running = data.get("running")
@@ -238,7 +244,7 @@ def _follow_step(
             if time.monotonic() > deadline:
                 raise CissError(f"step {index} did not finish in 30 minutes; see {log_path}")
             time.sleep(0.5)
-    current = status.snapshot(ws, factory)["current"]
+    current = _snapshot(ws, factory)["current"]
     m = current["metrics"]
     console.print(f"  step {index} promoted as {current['version']}:")
-    console.print(Text(status.summary_lines(m)), style="dim")
+    console.print(Text(views.summary_lines(m)), style="dim")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import pwd
 from dataclasses import dataclass
@@ -188,3 +189,26 @@ def find_workspace(explicit: Path | None = None) -> Workspace:
             f"no ciss workspace at {workspace.root}; run `ciss init {workspace.root}` or pass --workspace"
         )
     return workspace
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid the daemon wrote into its lock file; None when there is none to read."""
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def daemon_alive(path: Path) -> bool:
+    """Whether some process holds the workspace lock; works for readers who cannot write the workspace."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -56,7 +56,7 @@ def test_init_then_status_on_an_empty_workspace(tmp_path: Path) -> None:
 
 def run_ciss(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ciss_daemon.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "ciss_daemon", *args], capture_output=True, text=True, cwd=cwd, timeout=600
     )
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from status_helpers import NOON, add_steps, factory_of, runner
+from status_helpers import NOON, add_steps, factory_of, runner, snapshot_of
 
-from ciss_daemon import status as status_view
+from ciss_daemon import views
 from ciss_daemon.catalog import connection
 from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.listings import model_rows
 from ciss_daemon.cli import app
 from ciss_daemon.service.systemd import InstanceLock
 from ciss_daemon.settings import parse_settings
@@ -27,7 +28,7 @@ def ws(tmp_path: Path) -> Workspace:
 
 def rendered(data: dict, ws: Workspace) -> str:
     console = Console(record=True, width=250)
-    console.print(status_view.render(data, ws))
+    console.print(views.render(data, ws))
     return console.export_text()
 
 
@@ -40,14 +41,14 @@ def test_names_and_reasons_with_brackets_are_shown_as_written(ws: Workspace) -> 
             path=ws.rejected / "bikes",
             now=NOON,
         )
-    text = rendered(status_view.snapshot(ws, factory_of(ws)), ws)
+    text = rendered(snapshot_of(ws), ws)
     assert "[bold]bikes" in text
     assert "declare it in [classes], or set those pixels to 0" in text
 
 
 def test_a_queued_step_says_it_waits_for_the_daemon_and_keeps_its_last_attempt_apart(ws: Workspace) -> None:
     add_steps(ws, "promoted", "requeued")
-    data = status_view.snapshot(ws, factory_of(ws))
+    data = snapshot_of(ws)
     reason = f"waits for the daemon, which is not running: start it with `ciss daemon -w {ws.root}`"
     assert data["waiting"] == reason
     assert data["steps"][1]["reason"] == reason
@@ -57,7 +58,7 @@ def test_a_queued_step_says_it_waits_for_the_daemon_and_keeps_its_last_attempt_a
 
 def test_a_held_step_blocks_the_queue_and_says_how_to_free_it(ws: Workspace) -> None:
     add_steps(ws, "promoted", "held", "queued")
-    data = status_view.snapshot(ws, factory_of(ws))
+    data = snapshot_of(ws)
     assert (
         data["waiting"] == "waits for held step 1: `ciss promote 1` or `ciss discard 1` lets the queue go on"
     )
@@ -69,27 +70,27 @@ def test_a_closed_training_window_names_its_next_opening(ws: Workspace) -> None:
     lock = InstanceLock(ws.lock_path)
     lock.acquire()  # a daemon runs
     try:
-        data = status_view.snapshot(ws, factory_of(ws), settings=settings, now=NOON.timestamp())
+        data = snapshot_of(ws, settings=settings, now=NOON.timestamp())
         opens = dt.datetime(2026, 5, 1, 22, 0, tzinfo=dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M")
         assert (
             data["waiting"]
             == f"waits for the training window '* 22-23 * * *' (UTC), which opens next at {opens}"
         )
         night = dt.datetime(2026, 5, 1, 22, 30, tzinfo=dt.UTC).timestamp()
-        data = status_view.snapshot(ws, factory_of(ws), settings=settings, now=night)
+        data = snapshot_of(ws, settings=settings, now=night)
         assert data["waiting"] == "starts at the daemon's next check"
     finally:
         lock.release()
 
 
 def test_a_starting_job_is_one_short_line(ws: Workspace) -> None:
-    data = status_view.snapshot(ws, factory_of(ws))
+    data = snapshot_of(ws)
     data["running"] = {"step": 2, "batch": "b2", "attempts": 1, "max_attempts": 3, "progress": {}}
     assert "training step 2 (b2), attempt 1/3: starting\n" in rendered(data, ws)
 
 
 def test_a_job_on_ray_names_the_cluster_and_its_nodes(ws: Workspace) -> None:
-    data = status_view.snapshot(ws, factory_of(ws))
+    data = snapshot_of(ws)
     cluster = {
         "launcher": "ray",
         "address": "10.0.0.1:6379",
@@ -131,7 +132,7 @@ def test_models_lists_every_version_the_current_one_and_what_can_be_rolled_back_
     add_steps(ws, "promoted", "promoted", "promoted", "held")
     for version in ("v0001", "v0002", "v0003", "v0004"):
         (ws.models / version).mkdir()
-    rows = status_view.model_rows(factory_of(ws))
+    rows = model_rows(factory_of(ws))
     assert [(r["version"], r["step"], r["state"], r["current"], r["rollback"]) for r in rows] == [
         ("v0001", 0, "retired", False, True),
         ("v0002", 1, "retired", False, True),
@@ -141,7 +142,7 @@ def test_models_lists_every_version_the_current_one_and_what_can_be_rolled_back_
     result = runner.invoke(app, ["models", "--json", "-w", str(ws.root)])
     assert result.exit_code == 0 and json.loads(result.output) == rows
     console = Console(record=True, width=200)
-    console.print(status_view.model_table(rows))
+    console.print(views.model_table(rows))
     text = console.export_text()
     assert "│ v0003   │ 2    │ promoted, current      │" in text
     assert "│ v0001   │ 0    │ retired, can roll back │" in text
@@ -161,7 +162,7 @@ def test_summary_lines_name_both_groupings() -> None:
         "hiou": 0.4,
         "paper": {"miou_old": 0.7, "miou_new": 0.35, "hiou": 0.4667},
     }
-    text = status_view.summary_lines(metrics)
+    text = views.summary_lines(metrics)
     assert text.splitlines()[0] == (
         "mIoU all 50.0   gate grouping (old = classes before the step): old 60.0  new 30.0  hIoU 40.0"
     )
@@ -169,6 +170,4 @@ def test_summary_lines_name_both_groupings() -> None:
         text.splitlines()[1].strip() == "paper grouping (old = base classes): old 70.0  new 35.0  hIoU 46.7"
     )
     # Metrics recorded before the paper grouping existed show the gate's line only.
-    assert (
-        len(status_view.summary_lines({k: v for k, v in metrics.items() if k != "paper"}).splitlines()) == 1
-    )
+    assert len(views.summary_lines({k: v for k, v in metrics.items() if k != "paper"}).splitlines()) == 1

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
@@ -30,10 +29,9 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from ciss_daemon.catalog.tables import (
-    SCHEMA_HEAD,
-    utcnow,
-)
+from ciss_daemon.catalog import plain
+from ciss_daemon.catalog.states import SCHEMA_HEAD
+from ciss_daemon.catalog.tables import utcnow
 from ciss_daemon.exceptions import CatalogError, DaemonRunningError, SchemaError
 
 if TYPE_CHECKING:
@@ -122,6 +120,19 @@ def _configure_postgresql(engine: Engine) -> None:
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK_KEY})")
 
 
+def session_reader(session: Session) -> plain.Reader:
+    """Plain SQL on ``session``: the snapshot queries of ``ciss status`` (``catalog/snapshot.py``) read
+    through this in the dashboard and the demo, and through the driver itself on the command line."""
+    return lambda sql: session.execute(text(sql)).all()
+
+
+@contextmanager
+def reading(factory: sessionmaker[Session]) -> Iterator[plain.Reader]:
+    """A :func:`session_reader` on a session of its own, closed when the block ends."""
+    with factory() as session:
+        yield session_reader(session)
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions on ``engine``; objects stay readable after their transaction ends."""
     return sessionmaker(engine, expire_on_commit=False)
@@ -162,43 +173,12 @@ def _read_only_sqlite(url: URL) -> Path | None:
     path = _sqlite_file(url)
     if path is None or url.query.get("uri") or not path.exists():
         return None
-    if os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
-        return None
-    return path.resolve()
+    return path.resolve() if plain.cannot_write(path) else None
 
 
 def _read_only_engine(path: Path) -> Engine:
     # No pool: each session opens afresh, so a long-lived reader (the dashboard) sees a daemon start.
-    return create_engine("sqlite://", creator=lambda: _open_read_only(path), poolclass=NullPool)
-
-
-def _open_read_only(path: Path) -> sqlite3.Connection:
-    """The catalog at ``path`` opened read-only, by a user who cannot write its folder.
-
-    In WAL mode SQLite reads through the ``-wal`` and ``-shm`` files beside the catalog and creates them
-    when they are missing, which a user who cannot write the workspace (``ciss status`` run by someone
-    else than the service's user) cannot do: the read then fails with "attempt to write a readonly
-    database". While a daemon runs (or after it crashed) the files exist and a ``mode=ro`` connection
-    reads through them. A stopped daemon removes them with its last connection, and then the file alone
-    holds every committed change, so it is read as ``immutable``, without them. The files also come and
-    go while the owner runs ``ciss status`` against a stopped daemon, so the choice is checked by a first
-    read and made again when the files vanished in between.
-    """
-    wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
-    for _ in range(3):
-        through_wal = wal.exists() or shm.exists()
-        options = "mode=ro" if through_wal else "mode=ro&immutable=1"
-        connection = sqlite3.connect(f"file:{quote(str(path))}?{options}", uri=True, check_same_thread=False)
-        if not through_wal:
-            return connection
-        try:
-            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opens the WAL index
-            return connection
-        except sqlite3.OperationalError:
-            connection.close()
-            if wal.exists() or shm.exists():
-                raise
-    raise sqlite3.OperationalError(f"{path}: its -wal and -shm files keep appearing and vanishing")
+    return create_engine("sqlite://", creator=lambda: plain.open_read_only(path), poolclass=NullPool)
 
 
 class DaemonLease:

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from ciss_daemon.catalog.states import SETTLED_STATES
 from ciss_daemon.catalog.tables import (
     BATCH_KINDS,
     EVENT_LEVELS,
@@ -46,10 +47,7 @@ STEP_TRANSITIONS: dict[StepState, tuple[StepState, ...]] = {
     StepState.DISCARDED: (),
     StepState.ROLLED_BACK: (),
 }
-# Steps in these states no longer hold back later steps, and their classes may be taught again.
-SETTLED_STATES = (StepState.PROMOTED, StepState.FAILED, StepState.DISCARDED, StepState.ROLLED_BACK)
 RELEASED_STATES = (StepState.FAILED, StepState.DISCARDED, StepState.ROLLED_BACK)
-METRIC_KEYS = ("miou_all", "miou_old", "miou_new", "hiou")
 
 # --- batches, classes, rejections ------------------------------------------------------------------------
 

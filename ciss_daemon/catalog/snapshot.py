@@ -1,33 +1,46 @@
-"""The catalog as `ciss status` and the dashboard show it: one snapshot of steps, jobs and models."""
+"""The catalog as `ciss status` and the dashboard show it: one snapshot of steps, jobs and models.
+
+Six plain SQL queries through a :data:`~ciss_daemon.catalog.plain.Reader`, so that the command line
+reads them without SQLAlchemy and the dashboard through its session, with one result. The SQL is the
+common subset of SQLite and PostgreSQL; ``"index"`` is quoted because it is a keyword in SQLite.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
+from ciss_daemon.catalog.plain import Reader, json_value, timestamp
+from ciss_daemon.catalog.states import METRIC_KEYS, JobState, VersionState
 
-from ciss_daemon.catalog.records import METRIC_KEYS
-from ciss_daemon.catalog.tables import (
-    Batch,
-    Class,
-    Event,
-    Job,
-    JobState,
-    ModelVersion,
-    Rejection,
-    Step,
-    VersionState,
+Entry = dict[str, Any]  # one JSON object of the snapshot
+
+_TAUGHT = "SELECT id, name FROM classes WHERE taught ORDER BY id"
+_STEPS = (
+    'SELECT s."index", s.state, s.reason, s.updated_at, b.name, b.class_names '
+    'FROM steps s JOIN batches b ON s.batch_id = b.id ORDER BY s."index"'
+)
+_VERSIONS = (
+    'SELECT v.version, v.is_current, v.metrics, v.promoted_at, s."index" '
+    "FROM model_versions v JOIN steps s ON v.step_id = s.id "
+    f"WHERE v.is_current OR v.state = '{VersionState.CANDIDATE}' ORDER BY v.id"
+)
+_JOBS = (
+    "SELECT j.id, j.state, j.pid, j.attempts, j.max_attempts, j.started_at, j.heartbeat_at, j.progress, "
+    's."index", b.name FROM jobs j JOIN steps s ON j.step_id = s.id JOIN batches b ON s.batch_id = b.id '
+    f"WHERE j.state IN ('{JobState.RUNNING}', '{JobState.QUEUED}') ORDER BY s.\"index\", j.id"
+)
+_REJECTIONS = "SELECT batch_name, created_at, reasons, path FROM rejections ORDER BY created_at DESC, id DESC"
+_EVENTS = (
+    'SELECT e.at, e.level, e.kind, e.message, s."index" FROM events e LEFT JOIN steps s ON e.step_id = s.id '
+    "ORDER BY e.at DESC, e.id DESC"
 )
 
-# --- status ----------------------------------------------------------------------------------------------
 
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+def _iso(value: Any) -> str | None:
+    at = timestamp(value)
+    return None if at is None else at.isoformat()
 
 
 def _headline(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -36,13 +49,9 @@ def _headline(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return {**{key: metrics.get(key) for key in METRIC_KEYS}, "paper": metrics.get("paper")}
 
 
-def status_snapshot(*, session: Session, recent: int = 10) -> dict[str, Any]:
-    """Everything ``ciss status`` shows, as a JSON-ready dict, in a fixed handful of queries."""
-    taught = [
-        {"id": cid, "name": name}
-        for cid, name in session.execute(select(Class.id, Class.name).where(Class.taught).order_by(Class.id))
-    ]
-    # A step's classes as its batch declared them: a class row may since have moved to a later batch.
+def status_snapshot(read: Reader, *, recent: int = 10) -> dict[str, Any]:
+    """Everything ``ciss status`` shows, as a JSON-ready dict, in six queries."""
+    taught = [{"id": cid, "name": name} for cid, name in read(_TAUGHT)]
     steps = [
         {
             "index": index,
@@ -50,100 +59,85 @@ def status_snapshot(*, session: Session, recent: int = 10) -> dict[str, Any]:
             "state": state,
             "reason": reason,
             "updated_at": _iso(updated_at),
-            "classes": [name for _, name in sorted(class_names.items(), key=lambda item: int(item[0]))],
+            # A step's classes as its batch declared them: a class row may since have moved to a later batch.
+            "classes": [name for _, name in sorted(json_value(names).items(), key=lambda item: int(item[0]))],
         }
-        for index, state, reason, updated_at, batch_name, class_names in session.execute(
-            select(Step.index, Step.state, Step.reason, Step.updated_at, Batch.name, Batch.class_names)
-            .join(Batch, Step.batch_id == Batch.id)
-            .order_by(Step.index)
-        )
+        for index, state, reason, updated_at, batch_name, names in read(_STEPS)
     ]
-
-    versions = session.execute(
-        select(ModelVersion, Step.index)
-        .join(Step, ModelVersion.step_id == Step.id)
-        .where(or_(ModelVersion.is_current, ModelVersion.state == VersionState.CANDIDATE))
-        .order_by(ModelVersion.id)
-    )
-    current = None
-    candidates = []
-    for version, step_index in versions:
-        if version.is_current:
-            current = {
-                "version": version.version,
-                "step": step_index,
-                "promoted_at": _iso(version.promoted_at),
-                "classes": taught,
-                "metrics": _headline(version.metrics.get("candidate")),
-            }
-        else:
-            candidates.append(
-                {
-                    "version": version.version,
-                    "step": step_index,
-                    "metrics": _headline(version.metrics.get("candidate")),
-                    "current_metrics": _headline(version.metrics.get("current")),
-                }
-            )
-
-    running = None
-    queue = []
-    for job, step_index, batch_name in session.execute(
-        select(Job, Step.index, Batch.name)
-        .join(Step, Job.step_id == Step.id)
-        .join(Batch, Step.batch_id == Batch.id)
-        .where(Job.state.in_((JobState.RUNNING, JobState.QUEUED)))
-        .order_by(Step.index, Job.id)
-    ):
-        if job.state == JobState.RUNNING:
-            progress = job.progress or {}
-            running = {
-                "job": job.id,
-                "step": step_index,
-                "batch": batch_name,
-                "pid": job.pid,
-                "attempts": job.attempts,
-                "max_attempts": job.max_attempts,
-                "started_at": _iso(job.started_at),
-                "heartbeat_at": _iso(job.heartbeat_at),
-                "progress": progress,
-                "eta_seconds": progress.get("eta_seconds"),
-            }
-        else:
-            queue.append({"job": job.id, "step": step_index, "batch": batch_name, "attempts": job.attempts})
-
+    current, candidates = _versions(read, taught)
+    running, queue = _jobs(read)
     rejections = [
         {
-            "batch": r.batch_name,
-            "at": _iso(r.created_at),
-            "reason": r.reasons[0] if r.reasons else None,
-            "n_reasons": len(r.reasons),
-            "path": r.path,
+            "batch": batch_name,
+            "at": _iso(at),
+            "reason": reasons[0] if reasons else None,
+            "n_reasons": len(reasons),
+            "path": path,
         }
-        for r in session.scalars(
-            select(Rejection).order_by(Rejection.created_at.desc(), Rejection.id.desc()).limit(recent)
-        )
+        for batch_name, at, stored, path in read(f"{_REJECTIONS} LIMIT {int(recent)}")
+        for reasons in [json_value(stored) or []]
     ]
     events = [
-        {"at": _iso(e.at), "level": e.level, "kind": e.kind, "message": e.message, "step": step_index}
-        for e, step_index in session.execute(
-            select(Event, Step.index)
-            .outerjoin(Step, Event.step_id == Step.id)
-            .order_by(Event.at.desc(), Event.id.desc())
-            .limit(recent)
-        )
+        {"at": _iso(at), "level": level, "kind": kind, "message": message, "step": step_index}
+        for at, level, kind, message, step_index in read(f"{_EVENTS} LIMIT {int(recent)}")
     ]
-
-    counts: dict[str, int] = defaultdict(int)
-    for step in steps:
-        counts[step["state"]] += 1
     return {
         "current": current,
         "candidates": candidates,
         "steps": steps,
-        "counts": dict(counts),
+        "counts": dict(Counter(step["state"] for step in steps)),
         "running": running,
         "queue": queue,
         "rejections": rejections,
         "events": events,
     }
+
+
+def _versions(read: Reader, taught: list[Entry]) -> tuple[Entry | None, list[Entry]]:
+    """The current model (with the classes it knows) and the candidates that wait for a decision."""
+    current = None
+    candidates = []
+    for version, is_current, stored, promoted_at, step_index in read(_VERSIONS):
+        metrics = json_value(stored) or {}
+        if is_current:
+            current = {
+                "version": version,
+                "step": step_index,
+                "promoted_at": _iso(promoted_at),
+                "classes": taught,
+                "metrics": _headline(metrics.get("candidate")),
+            }
+        else:
+            candidates.append(
+                {
+                    "version": version,
+                    "step": step_index,
+                    "metrics": _headline(metrics.get("candidate")),
+                    "current_metrics": _headline(metrics.get("current")),
+                }
+            )
+    return current, candidates
+
+
+def _jobs(read: Reader) -> tuple[Entry | None, list[Entry]]:
+    """The running job with its last reported progress, and the queued ones in step order."""
+    running = None
+    queue = []
+    for job, state, pid, attempts, max_attempts, started, heartbeat, stored, step_index, batch in read(_JOBS):
+        if state == JobState.RUNNING:
+            progress = json_value(stored) or {}
+            running = {
+                "job": job,
+                "step": step_index,
+                "batch": batch,
+                "pid": pid,
+                "attempts": attempts,
+                "max_attempts": max_attempts,
+                "started_at": _iso(started),
+                "heartbeat_at": _iso(heartbeat),
+                "progress": progress,
+                "eta_seconds": progress.get("eta_seconds"),
+            }
+        else:
+            queue.append({"job": job, "step": step_index, "batch": batch, "attempts": attempts})
+    return running, queue

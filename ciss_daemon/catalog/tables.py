@@ -7,7 +7,6 @@ one naming convention, which SQLite's batch migrations need to find and recreate
 from __future__ import annotations
 
 import datetime as dt
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -25,9 +24,14 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-# The revision `migrations/versions` ends at. Kept here so that readers (`ciss status`) can check the
-# catalog without importing alembic; a test pins it to the migrations' head.
-SCHEMA_HEAD = "0003"
+from ciss_daemon.catalog.states import (
+    JOB_STATES,
+    STEP_STATES,
+    VERSION_STATES,
+    JobState,  # noqa: F401
+    StepState,  # noqa: F401
+    VersionState,  # noqa: F401
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -40,42 +44,6 @@ NAMING_CONVENTION = {
 BATCH_KINDS = ("train", "eval")
 
 
-class StepState(StrEnum):
-    """Where a step is in its lifecycle (docs/product.md, "A step's life")."""
-
-    ACCEPTED = "accepted"
-    QUEUED = "queued"
-    TRAINING = "training"
-    EVALUATING = "evaluating"
-    PROMOTED = "promoted"
-    HELD = "held"
-    FAILED = "failed"
-    DISCARDED = "discarded"
-    ROLLED_BACK = "rolled_back"
-
-
-class JobState(StrEnum):
-    """A training job: one step's training, over one or more attempts."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class VersionState(StrEnum):
-    """A model version: a candidate until the gate or the operator decides."""
-
-    CANDIDATE = "candidate"
-    PROMOTED = "promoted"
-    DISCARDED = "discarded"
-    RETIRED = "retired"
-
-
-STEP_STATES = tuple(StepState)
-JOB_STATES = tuple(JobState)
-VERSION_STATES = tuple(VersionState)
 EVENT_LEVELS = ("debug", "info", "warning", "error")
 
 

@@ -35,8 +35,9 @@ from ciss_daemon.service.clock import utc
 from ciss_daemon.service.jobs import Outcome, TrainingProcess
 from ciss_daemon.service.notify import Notifier, last_event_id, new_events
 from ciss_daemon.service.operator import apply_requests
-from ciss_daemon.service.planning import build_request, next_opening, training_window
+from ciss_daemon.service.planning import build_request
 from ciss_daemon.service.retention import CHECKPOINT, prune_checkpoints
+from ciss_daemon.service.window import next_opening, training_window
 from ciss_daemon.settings import Settings
 from ciss_daemon.workspace import Workspace
 

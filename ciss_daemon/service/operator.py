@@ -29,7 +29,7 @@ from ciss_daemon.service import systemd
 from ciss_daemon.service.clock import utc
 from ciss_daemon.service.promotion import swap_current
 from ciss_daemon.service.retention import prune
-from ciss_daemon.workspace import Workspace
+from ciss_daemon.workspace import Workspace, daemon_alive
 from engine.atomic import write_json
 
 ACTIONS = ("promote", "discard", "rollback", "prune")
@@ -152,7 +152,7 @@ def run_action(
     clock: Callable[[], float] = time.time,
 ) -> str:
     """CLI side: through the running daemon, or directly under the daemon's lock when none runs."""
-    if systemd.daemon_alive(ws.lock_path):
+    if daemon_alive(ws.lock_path):
         ws.requests.mkdir(exist_ok=True)
         request = ws.requests / f"{uuid.uuid4().hex}.json"
         write_json(request, {"action": action, "target": target})

@@ -7,7 +7,6 @@ module level.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,30 +78,6 @@ def build_request(s: Session, step: Step, job: Job, settings: Settings) -> JobRe
         config=settings.engine.to_dict(),
         device=settings.daemon.device,
     )
-
-
-def training_window(expression: str) -> Any:
-    """The cron trigger of ``daemon.training_window`` (in UTC), or None when training may start any time."""
-    if not expression:
-        return None
-    from apscheduler.triggers.cron import CronTrigger
-
-    return CronTrigger.from_crontab(expression, timezone=dt.UTC)
-
-
-def next_opening(window: Any, now: float) -> dt.datetime | None:
-    """None when the training window is open at ``now`` (or there is none); else when it opens next (UTC).
-
-    The window is a set of whole minutes: it is open when the trigger fires in the current minute.
-    """
-    if window is None:
-        return None
-    minute = dt.datetime.fromtimestamp(now, dt.UTC).replace(second=0, microsecond=0)
-    fire = window.get_next_fire_time(None, minute)
-    if fire is not None and fire <= minute:
-        return None
-    # Never: a window such as Feb 30th; far enough to read as "never" and still a datetime.
-    return fire or dt.datetime.max.replace(tzinfo=dt.UTC)
 
 
 def evaluate_version(

@@ -12,7 +12,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from ciss_daemon.exceptions import DaemonRunningError
-from ciss_daemon.workspace import cannot_write
+from ciss_daemon.workspace import cannot_write, read_pid
 
 # syslog priorities journald reads from a "<N>" prefix on each stderr line.
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -132,25 +132,3 @@ class InstanceLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
-def daemon_alive(path: Path) -> bool:
-    """Whether some process holds the workspace lock; works for readers who cannot write the workspace."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False

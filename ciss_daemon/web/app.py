@@ -34,7 +34,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ciss_daemon import status
+from ciss_daemon import views
 from ciss_daemon.catalog import connection
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.service.operator import run_action
@@ -135,7 +135,7 @@ class Dashboard:
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
         )
-        self.templates.filters["pct"] = status.pct
+        self.templates.filters["pct"] = views.pct
         self.templates.filters["when"] = _when
         self.templates.globals["assets"] = assets_version(HERE / "static")
         self.registry: Any = None

@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon import status
-from ciss_daemon.catalog import records as catalog
+from ciss_daemon import status, views
+from ciss_daemon.catalog.connection import session_reader
+from ciss_daemon.catalog.states import METRIC_KEYS
 from ciss_daemon.catalog.tables import (
     Batch,
     Class,
@@ -31,7 +32,7 @@ from ciss_daemon.catalog.tables import (
 from ciss_daemon.service.jobs import read_json
 from ciss_daemon.service.worker import PROGRESS
 from ciss_daemon.settings import Settings
-from ciss_daemon.workspace import Workspace
+from ciss_daemon.workspace import Workspace, daemon_alive
 
 CHART_STEPS = 30
 LINEAGE_SHOWN = 20  # promoted steps listed in the current model's lineage, besides the base step
@@ -97,17 +98,15 @@ def _running_fields(
         "losses": {k: losses[k] for k in _loss_order(losses)},
         "images_per_second": progress.get("images_per_second"),
         "eta_seconds": progress.get("eta_seconds"),
-        "eta": status.duration(progress.get("eta_seconds")),
+        "eta": views.duration(progress.get("eta_seconds")),
     }
 
 
 def live(ws: Workspace, factory: sessionmaker[Session]) -> dict[str, Any]:
     """What the page polls every second: the running job, the daemon, and the catalog's revision."""
-    from ciss_daemon.service import systemd
-
     with factory() as s:
         return {
-            "daemon": systemd.daemon_alive(ws.lock_path),
+            "daemon": daemon_alive(ws.lock_path),
             "running": running(ws, s),
             "revision": revision(s),
         }
@@ -197,7 +196,7 @@ def _charts(s: Session, steps: list[dict[str, Any]], known: dict[int, VersionMet
         del known[stale]
     latest = {index: known[version_id] for index, version_id in last_version.items()}
     labels: list[str] = []
-    miou: dict[str, list[float | None]] = {key: [] for key in catalog.METRIC_KEYS}
+    miou: dict[str, list[float | None]] = {key: [] for key in METRIC_KEYS}
     losses: dict[str, list[float | None]] = {}  # loss term -> value per (step, epoch) of loss_labels
     loss_labels: list[str] = []
     iou_columns: list[dict[str, float | None]] = []
@@ -290,8 +289,8 @@ def dashboard(
     ws: Workspace, factory: sessionmaker[Session], settings: Settings, *, charts: ChartCache | None = None
 ) -> dict[str, Any]:
     """Everything the page shows; the snapshot of ``ciss status`` plus lineage, charts and full reasons."""
-    data = status.snapshot(ws, factory)
     with factory() as s:
+        data = status.snapshot(ws, session_reader(s))
         data["revision"] = revision(s)
         if data["running"] is not None:
             r = data["running"]

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import status
+from ciss_daemon.catalog.connection import session_reader
 from ciss_daemon.catalog.tables import STEP_STATES, Rejection, Step, StepState
 from ciss_daemon.web.data import running
 from ciss_daemon.workspace import Workspace
@@ -34,8 +35,8 @@ class CatalogCollector(Collector):
         self.factory = factory
 
     def collect(self) -> Iterator[Metric]:
-        data = status.snapshot(self.ws, self.factory)
         with self.factory() as s:
+            data = status.snapshot(self.ws, session_reader(s))
             job = running(self.ws, s)
             rejections = s.scalar(select(func.count(Rejection.id))) or 0
             held_since = s.scalar(select(func.min(Step.updated_at)).where(Step.state == StepState.HELD))

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from benchmarks.daemon import make_status_workspace, render_markdown, summary
 from ciss_daemon.catalog import connection
 from ciss_daemon.catalog import records as catalog
+from ciss_daemon.catalog.connection import session_reader
 from ciss_daemon.catalog.snapshot import status_snapshot
 from ciss_daemon.cli import app
 
@@ -25,7 +26,7 @@ def test_built_catalog_shows_every_step_promoted(tmp_path: Path) -> None:
     factory = connection.session_factory(engine)
     try:
         with factory() as session:
-            data = status_snapshot(session=session)
+            data = status_snapshot(session_reader(session))
             class_ids = [cid for cid, _, _ in catalog.class_map(session=session, upto_step=49)]
             assert catalog.next_runnable_step(session=session) is None
     finally:

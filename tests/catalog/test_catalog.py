@@ -19,8 +19,9 @@ from postgres import PostgresServer
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import connection, plain
 from ciss_daemon.catalog import records as cat
+from ciss_daemon.catalog.connection import session_reader
 from ciss_daemon.catalog.snapshot import status_snapshot
 from ciss_daemon.catalog.tables import Batch, Class, Event, Job, ModelVersion, Rejection, Step
 from ciss_daemon.exceptions import CatalogError, OperatorError
@@ -423,7 +424,7 @@ def test_a_rolled_back_class_can_be_taught_again(session: Session, tmp_path: Pat
     assert ids(session) == {"car": 1, "tram": 2, "bus": 3}
     promoted(session, step, tmp_path)
     assert taught(session) == {"car", "tram"}
-    steps = status_snapshot(session=session)["steps"]
+    steps = status_snapshot(session_reader(session))["steps"]
     assert [(s["state"], s["classes"]) for s in steps] == [
         ("promoted", ["car"]),
         ("rolled_back", ["bus", "tram"]),  # as its batch declared them
@@ -447,7 +448,7 @@ def test_times_are_stored_as_utc(factory: sessionmaker[Session]) -> None:
 
 
 def test_status_snapshot_shows_model_job_queue_rejections_and_events(
-    session: Session, tmp_path: Path
+    session: Session, tmp_path: Path, url: str
 ) -> None:
     promoted(session, add_step(session, "a", {1: "car", 2: "bus"}), tmp_path)
     running = add_step(session, "b", {1: "person"})
@@ -474,7 +475,7 @@ def test_status_snapshot_shows_model_job_queue_rejections_and_events(
             step=running,
             now=T0 + dt.timedelta(minutes=minute),
         )
-    snapshot = status_snapshot(session=session, recent=10)
+    snapshot = status_snapshot(session_reader(session), recent=10)
     json.dumps(snapshot)  # JSON-ready
 
     assert snapshot["current"] == {
@@ -501,6 +502,10 @@ def test_status_snapshot_shows_model_job_queue_rejections_and_events(
     assert [e["message"] for e in snapshot["events"]] == [f"event {m}" for m in range(11, 1, -1)]
     assert snapshot["events"][0]["step"] == 1
     assert snapshot["candidates"] == []
+
+    session.commit()
+    with plain.reading(url) as read:  # what `ciss status` reads: the driver itself, without SQLAlchemy
+        assert status_snapshot(read, recent=10) == snapshot
 
 
 def test_status_snapshot_of_a_thousand_steps_in_a_few_queries(factory: sessionmaker[Session]) -> None:
@@ -556,7 +561,7 @@ def test_status_snapshot_of_a_thousand_steps_in_a_few_queries(factory: sessionma
     engine = factory.kw["bind"]
     event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
     with factory() as s:
-        snapshot = status_snapshot(session=s, recent=5)
+        snapshot = status_snapshot(session_reader(s), recent=5)
     assert len(statements) <= 8, statements
     assert len(snapshot["steps"]) == 1000
     assert [x["index"] for x in snapshot["steps"]] == list(range(1000))
@@ -588,12 +593,12 @@ def test_reader_reads_while_a_writer_holds_a_write_transaction(url: str) -> None
         cat.log_event(session=w, kind="second", message="not yet committed")
         started = time.monotonic()
         with readers() as r:
-            seen = [e["message"] for e in status_snapshot(session=r)["events"]]
+            seen = [e["message"] for e in status_snapshot(session_reader(r))["events"]]
         assert time.monotonic() - started < 1.0  # did not wait out the busy timeout
         assert seen == ["committed"]
         w.commit()
     with readers() as r:
-        assert len(status_snapshot(session=r)["events"]) == 2
+        assert len(status_snapshot(session_reader(r))["events"]) == 2
     writer_engine.dispose()
     reader_engine.dispose()
 
@@ -609,7 +614,7 @@ def test_a_second_writer_waits_for_the_first_instead_of_failing(url: str) -> Non
             with connection.transaction(second) as s:
                 # Read, then write: a plain deferred BEGIN would read a snapshot the first writer then
                 # makes stale, and fail at once with "database is locked" instead of waiting.
-                count = len(status_snapshot(session=s)["events"])
+                count = len(status_snapshot(session_reader(s))["events"])
                 cat.log_event(session=s, kind="second", message=f"second writer after {count}")
         except BaseException as exc:  # reported to the test thread below
             errors.append(exc)
@@ -652,7 +657,7 @@ def test_status_readers_see_each_promotion_whole_while_steps_are_promoted(url: s
     reads, problems = 0, []
     while not done.is_set() or reads == 0:
         with readers() as r:
-            snap = status_snapshot(session=r)
+            snap = status_snapshot(session_reader(r))
         reads += 1
         promoted_classes = {c for st in snap["steps"] if st["state"] == "promoted" for c in st["classes"]}
         current = snap["current"]

@@ -20,7 +20,8 @@ from sqlalchemy.pool import NullPool
 
 import migrations
 from ciss_daemon.catalog.connection import check_catalog, make_engine, upgrade_catalog
-from ciss_daemon.catalog.tables import SCHEMA_HEAD, Base
+from ciss_daemon.catalog.states import SCHEMA_HEAD
+from ciss_daemon.catalog.tables import Base
 from ciss_daemon.exceptions import CatalogError, SchemaError
 
 MIGRATIONS = Path(migrations.__file__).parent

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from typing import Any
 
 from typer.testing import CliRunner
 
+from ciss_daemon import status
 from ciss_daemon.catalog import connection
 from ciss_daemon.catalog import records as catalog
 from ciss_daemon.settings import load_settings
@@ -19,6 +21,12 @@ NOON = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
 
 def factory_of(ws: Workspace):  # type: ignore[no-untyped-def]
     return connection.session_factory(connection.make_engine(ws.catalog_url(load_settings(ws.settings_path))))
+
+
+def snapshot_of(ws: Workspace, **options: Any) -> dict[str, Any]:
+    """``status.snapshot`` of the workspace, read through a SQLAlchemy session as the dashboard reads it."""
+    with connection.reading(factory_of(ws)) as read:
+        return status.snapshot(ws, read, **options)
 
 
 def add_steps(ws: Workspace, *states: str) -> None:

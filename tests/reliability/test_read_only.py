@@ -13,7 +13,7 @@ import pytest
 from batchmaker import make_batch
 from typer.testing import CliRunner
 
-from ciss_daemon.catalog import connection
+from ciss_daemon.catalog import plain
 from ciss_daemon.cli import app
 from ciss_daemon.workspace import _user_name
 
@@ -116,6 +116,6 @@ def test_a_reader_that_cannot_write_survives_the_wal_files_vanishing_as_it_opens
             return CannotInitialise()
         return real_connect(database, **kwargs)
 
-    monkeypatch.setattr(connection.sqlite3, "connect", connect)
-    with closing(connection._open_read_only(path)) as reader:
+    monkeypatch.setattr(plain.sqlite3, "connect", connect)
+    with closing(plain.open_read_only(path)) as reader:
         assert reader.execute("SELECT id FROM steps").fetchall() == [(7,)]

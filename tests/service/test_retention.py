@@ -9,8 +9,8 @@ from sqlalchemy import select
 from status_helpers import add_steps, factory_of, runner
 from typer.testing import Result
 
-from ciss_daemon import status
 from ciss_daemon.catalog import connection
+from ciss_daemon.catalog.listings import model_rows
 from ciss_daemon.catalog.tables import Job
 from ciss_daemon.cli import app
 from ciss_daemon.service.retention import prune_checkpoints
@@ -41,7 +41,7 @@ def test_prune_keeps_current_held_and_rollback_depth_and_says_what_it_freed(ws: 
     result = invoke("prune", "--depth", "1", "-w", str(ws.root))
     assert result.output == "pruned 2 models, 2 MiB freed (v0001, v0002); `ciss models` lists what is left\n"
     assert sorted(p.name for p in ws.models.iterdir()) == ["v0003", "v0004", "v0005"]
-    rows = {r["version"]: r for r in status.model_rows(factory_of(ws))}
+    rows = {r["version"]: r for r in model_rows(factory_of(ws))}
     assert rows["v0001"]["pruned"] and not rows["v0001"]["rollback"] and rows["v0003"]["rollback"]
     refused = invoke("rollback", "v0001", "-w", str(ws.root))
     assert refused.output == (
