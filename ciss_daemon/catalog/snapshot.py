@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from ciss_daemon.catalog.records import METRIC_KEYS
 from ciss_daemon.catalog.tables import (
     Batch,
     Class,
@@ -22,6 +21,7 @@ from ciss_daemon.catalog.tables import (
     Step,
     VersionState,
 )
+from ciss_daemon.catalog.versions import METRIC_KEYS
 
 # --- status ----------------------------------------------------------------------------------------------
 
