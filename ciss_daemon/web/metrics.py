@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ciss_daemon import status
 from ciss_daemon.catalog.tables import STEP_STATES, Rejection, Step, StepState
-from ciss_daemon.web.data import running
+from ciss_daemon.web.polling import running
 from ciss_daemon.workspace import Workspace
 
 
