@@ -209,7 +209,8 @@ def check(
     import dataclasses
 
     from ciss_daemon.batch.inbox import rejection_report
-    from ciss_daemon.batch.validation import printable, validate_batch
+    from ciss_daemon.batch.listing import printable
+    from ciss_daemon.batch.validation import validate_batch
     from ciss_daemon.catalog import records as catalog
     from ciss_daemon.exceptions import WorkspaceError
     from ciss_daemon.settings import Settings

@@ -119,19 +119,7 @@ def run_demo(
             stdin=subprocess.DEVNULL,
         )
     try:
-        url = ws.catalog_url(settings)
-        _wait_for(
-            lambda: ws.catalog_path.exists() and _catalog_ready(url), daemon, log_path, "the daemon to start"
-        )
-        factory = connection.session_factory(connection.make_engine(url))
-        console.print("daemon started; submitting an evaluation batch and a broken batch")
-        submit_folder(eval_batch, ws.inbox)
-        submit_folder(broken, ws.inbox)
-        for index, folder in enumerate(train_batches):
-            submit_folder(folder, ws.inbox)
-            console.print(f"submitted [bold]{folder.name}[/] (step {index})")
-            _follow_step(ws, factory, url, index, daemon, log_path, console)
-        _wait_for(lambda: bool(_snapshot(ws, factory)["rejections"]), daemon, log_path, "the rejection")
+        factory = _submit_all(ws, settings, daemon, log_path, [eval_batch, broken], train_batches, console)
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
@@ -140,6 +128,46 @@ def run_demo(
             except subprocess.TimeoutExpired:
                 daemon.kill()
     console.print(views.render(_snapshot(ws, factory), ws))
+    _where_to_look(ws, factory, directory, eval_batch, log_path, started, console)
+
+
+def _submit_all(
+    ws: Workspace,
+    settings: Settings,
+    daemon: subprocess.Popen[bytes],
+    log_path: Path,
+    first: list[Path],
+    train_batches: list[Path],
+    console: Console,
+) -> sessionmaker[Session]:
+    """Once the daemon is up, submit the ``first`` folders (the evaluation and the broken batch), then each
+    training batch once the step before it is promoted; returns the catalog's session factory."""
+    url = ws.catalog_url(settings)
+    _wait_for(
+        lambda: ws.catalog_path.exists() and _catalog_ready(url), daemon, log_path, "the daemon to start"
+    )
+    factory = connection.session_factory(connection.make_engine(url))
+    console.print("daemon started; submitting an evaluation batch and a broken batch")
+    for folder in first:
+        submit_folder(folder, ws.inbox)
+    for index, folder in enumerate(train_batches):
+        submit_folder(folder, ws.inbox)
+        console.print(f"submitted [bold]{folder.name}[/] (step {index})")
+        _follow_step(ws, factory, url, index, daemon, log_path, console)
+    _wait_for(lambda: bool(_snapshot(ws, factory)["rejections"]), daemon, log_path, "the rejection")
+    return factory
+
+
+def _where_to_look(
+    ws: Workspace,
+    factory: sessionmaker[Session],
+    directory: Path,
+    eval_batch: Path,
+    log_path: Path,
+    started: float,
+    console: Console,
+) -> None:
+    """Write the report into ``directory/report`` and print where each result lies."""
     from ciss_daemon.outputs.report import build_report
     from ciss_daemon.service.planning import report_data
 

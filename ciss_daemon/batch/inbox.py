@@ -19,10 +19,11 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from ciss_daemon.batch.validation import MANIFEST, Problem, printable
+from ciss_daemon.batch.listing import printable
 from ciss_daemon.exceptions import SubmitError, WorkspaceError
 from ciss_daemon.workspace import cannot_write
 from engine.atomic import fsync_dir, fsync_tree, write_text
+from engine.batch_format import MANIFEST, Problem
 
 STAGING = ".staging"
 REJECTION_REPORT = "REJECTED.txt"

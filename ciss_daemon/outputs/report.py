@@ -307,7 +307,39 @@ def build_report(data: ReportData, out_dir: Path, *, progress: Callable[[str], N
     A plot without data (no metrics yet, no training history, no samples) is left out; a page without
     any metrics says so. ``progress(words)`` hears which plot is being drawn.
     """
-    figures = [
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sections = []
+        for name, caption, draw in _figures(data):
+            if progress is not None:
+                progress(f"drawing {name}")
+            figure = draw()
+            if figure is None:
+                (out_dir / name).unlink(missing_ok=True)  # never leave an older run's plot beside this page
+                continue
+            sections.append(_figure_section(out_dir, name, caption, figure))
+        if not any(step.metrics for step in data.steps):
+            sections.insert(0, "<p>No step has been evaluated yet: there are no metrics to plot.</p>")
+        title = html.escape(data.title)
+        page = (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{_STYLE}</style></head><body><h1>{title}</h1>"
+            f"<h2>Steps (%)</h2>{_summary_table(data.steps)}{''.join(sections)}"
+            f"{_class_table(data.steps, data.class_names)}</body></html>\n"
+        )
+        path = out_dir / REPORT_FILE
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise ReportError(
+            f"cannot write the report into {out_dir}: {exc.strerror or exc}; "
+            "check the free space and permissions"
+        ) from None
+    return path
+
+
+def _figures(data: ReportData) -> list[tuple[str, str, Callable[[], Figure | None]]]:
+    """The page's plots in order: file name, caption, and how to draw it (None when it has no data)."""
+    return [
         (
             "miou.png",
             "mIoU of all, old and new classes, and their harmonic mean hIoU, per step.",
@@ -331,40 +363,17 @@ def build_report(data: ReportData, out_dir: Path, *, progress: Callable[[str], N
             lambda: samples_figure(data.samples, data.class_names, data.colours),
         ),
     ]
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        sections = []
-        for name, caption, draw in figures:
-            if progress is not None:
-                progress(f"drawing {name}")
-            figure = draw()
-            if figure is None:
-                (out_dir / name).unlink(missing_ok=True)  # never leave an older run's plot beside this page
-                continue
-            png = _png(figure)
-            (out_dir / name).write_bytes(png)
-            uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-            sections.append(
-                f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
-                f'<figcaption>{html.escape(caption)} (<a href="{name}">{name}</a>)</figcaption></figure>'
-            )
-        if not any(step.metrics for step in data.steps):
-            sections.insert(0, "<p>No step has been evaluated yet: there are no metrics to plot.</p>")
-        title = html.escape(data.title)
-        page = (
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_STYLE}</style></head><body><h1>{title}</h1>"
-            f"<h2>Steps (%)</h2>{_summary_table(data.steps)}{''.join(sections)}"
-            f"{_class_table(data.steps, data.class_names)}</body></html>\n"
-        )
-        path = out_dir / REPORT_FILE
-        path.write_text(page, encoding="utf-8")
-    except OSError as exc:
-        raise ReportError(
-            f"cannot write the report into {out_dir}: {exc.strerror or exc}; "
-            "check the free space and permissions"
-        ) from None
-    return path
+
+
+def _figure_section(out_dir: Path, name: str, caption: str, figure: Figure) -> str:
+    """Write ``figure`` as ``out_dir/name`` and return it as an HTML figure with the PNG embedded."""
+    png = _png(figure)
+    (out_dir / name).write_bytes(png)
+    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return (
+        f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
+        f'<figcaption>{html.escape(caption)} (<a href="{name}">{name}</a>)</figcaption></figure>'
+    )
 
 
 def distinct_pairs(

@@ -24,7 +24,8 @@ from ciss_daemon.batch.inbox import (
     reject_folder,
     store_folder,
 )
-from ciss_daemon.batch.validation import Problem, ValidatedBatch, printable, validate_batch
+from ciss_daemon.batch.listing import printable
+from ciss_daemon.batch.validation import Problem, ValidatedBatch, validate_batch
 from ciss_daemon.catalog import records as catalog
 from ciss_daemon.service.clock import utc
 from ciss_daemon.settings import Settings

@@ -57,7 +57,7 @@ def build_request(s: Session, step: Step, job: Job, settings: Settings) -> JobRe
     """The worker's request.json: the step's data, every held-out set so far, the teacher, the settings.
 
     Build it in the same transaction that starts the job: the ids of a waiting step's classes may move
-    while an earlier step is released (see ``catalog._compact_class_ids``).
+    while an earlier step is released (see ``catalog.steps.compact_class_ids``).
     """
     classes = catalog.class_map(session=s, upto_step=step.index)
     sizes = step_sizes(classes)

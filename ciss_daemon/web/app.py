@@ -39,8 +39,8 @@ from ciss_daemon.catalog import connection
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.service.operator import run_action
 from ciss_daemon.settings import Settings
+from ciss_daemon.web import charts, metrics, polling, samples
 from ciss_daemon.web import data as dashboard_data
-from ciss_daemon.web import metrics, samples
 from ciss_daemon.workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
@@ -139,7 +139,7 @@ class Dashboard:
         self.templates.filters["when"] = _when
         self.templates.globals["assets"] = assets_version(HERE / "static")
         self.registry: Any = None
-        self.charts = dashboard_data.ChartCache()
+        self.charts = charts.ChartCache()
 
     def factory(self) -> sessionmaker[Session]:
         """The catalog, opened read-only on first use (a dashboard may start before the daemon made it)."""
@@ -178,7 +178,7 @@ class Dashboard:
         return await self._json(self.page_data)
 
     async def api_live(self, request: Request) -> Response:
-        return await self._json(lambda: dashboard_data.live(self.ws, self.factory()))
+        return await self._json(lambda: polling.live(self.ws, self.factory()))
 
     async def _json(self, read: Any) -> Response:
         try:

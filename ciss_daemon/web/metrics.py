@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ciss_daemon import status
 from ciss_daemon.catalog.connection import session_reader
 from ciss_daemon.catalog.tables import STEP_STATES, Rejection, Step, StepState
-from ciss_daemon.web.data import running
+from ciss_daemon.web.polling import running
 from ciss_daemon.workspace import Workspace
 
 
