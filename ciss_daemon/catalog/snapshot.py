@@ -16,7 +16,7 @@ from ciss_daemon.catalog.states import METRIC_KEYS, JobState, VersionState
 
 Entry = dict[str, Any]  # one JSON object of the snapshot
 
-_TAUGHT = "SELECT id, name FROM classes WHERE taught ORDER BY id"
+_TAUGHT = "SELECT id, name FROM classes WHERE taught = TRUE ORDER BY id"
 _STEPS = (
     'SELECT s."index", s.state, s.reason, s.updated_at, b.name, b.class_names '
     'FROM steps s JOIN batches b ON s.batch_id = b.id ORDER BY s."index"'
@@ -24,7 +24,8 @@ _STEPS = (
 _VERSIONS = (
     'SELECT v.version, v.is_current, v.metrics, v.promoted_at, s."index" '
     "FROM model_versions v JOIN steps s ON v.step_id = s.id "
-    f"WHERE v.is_current OR v.state = '{VersionState.CANDIDATE}' ORDER BY v.id"
+    # "= TRUE", not the bare column: SQLite then reads both indexes instead of every version's metrics.
+    f"WHERE v.is_current = TRUE OR v.state = '{VersionState.CANDIDATE}' ORDER BY v.id"
 )
 _JOBS = (
     "SELECT j.id, j.state, j.pid, j.attempts, j.max_attempts, j.started_at, j.heartbeat_at, j.progress, "
