@@ -48,20 +48,10 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import BACKBONES, EngineConfig, ModelConfig, TrainConfig
-from engine.data import (
-    SegmentationFiles,
-    StepSampler,
-    TrainTransform,
-    batch_dataset,
-    label_lut,
-    normalize_image,
-    read_image,
-    read_manifest,
-    read_mask,
-    remap,
-)
+from engine.data import SegmentationFiles, batch_dataset, label_lut, read_manifest, remap
 from engine.fast import FastPaths, default_fast_paths
 from engine.model import DKDSegmenter
+from engine.sampling import StepSampler
 from engine.synthetic import render_sample
 from engine.train import (
     Progress,
@@ -72,6 +62,7 @@ from engine.train import (
     train_iteration,
     train_step,
 )
+from engine.transforms import TrainTransform, normalize_image, read_image, read_mask
 
 BASE_CLASSES, NEW_CLASSES = 15, 5  # the VOC 15-5 layout: 21 logit channels in the incremental step
 H100_BF16_DENSE_TFLOPS = 989.0

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
-from engine.data import TrainTransform, batch_dataset
+from engine.data import batch_dataset
 from engine.exceptions import CheckpointError
 from engine.synthetic import PRETRAINING_CLASSES, generate_pretraining_batch
+from engine.transforms import TrainTransform
 
 log = logging.getLogger("ciss.engine.pretrain")
 

@@ -19,20 +19,13 @@ from torch.utils.data import DataLoader
 
 from engine.checkpoint import load_model_files, save_model
 from engine.config import EngineConfig
-from engine.data import (
-    EvalTransform,
-    SegmentationFiles,
-    TrainTransform,
-    batch_dataset,
-    build_memory,
-    filter_indices,
-    label_sets,
-    pseudo_label,
-)
+from engine.data import SegmentationFiles, batch_dataset, filter_indices, label_sets
 from engine.evaluate import Metrics, evaluate, summarize
 from engine.exceptions import CheckpointError, ConfigError, DataError
+from engine.exemplar_memory import build_memory, pseudo_label
 from engine.model import DKDSegmenter, build_model, upsample
 from engine.train import Progress, TrainResult, new_class_ids, train_step
+from engine.transforms import EvalTransform, TrainTransform
 
 EvalGroup = tuple[str, set[int] | None, SegmentationFiles]  # (name, labelled classes or None: all, dataset)
 

@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from engine.config import EngineConfig
-from engine.data import StepSampler
 from engine.exceptions import DataError
 from engine.fast import (  # GPU fast paths (issue: GPU speed and scale)
     FastPaths,
@@ -36,6 +35,7 @@ from engine.fast import (  # GPU fast paths (issue: GPU speed and scale)
 )
 from engine.losses import ac_loss, dkd_loss, kd_loss, mbce_loss, target_entropy, weighted_total
 from engine.model import DKDSegmenter, SegOutput, upsample
+from engine.sampling import StepSampler
 
 CHECKPOINT_FORMAT = 1
 log = logging.getLogger("ciss.engine.train")
