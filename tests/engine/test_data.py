@@ -1,4 +1,5 @@
-"""Tests of engine.data: manifests, pairs, LUTs, transforms, dataset, samplers, memory, benchmarks."""
+"""Tests of the data modules (engine.data, transforms, sampling, exemplar_memory, standard_datasets):
+manifests, pairs, LUTs, transforms, dataset, samplers, memory, benchmarks."""
 
 from __future__ import annotations
 
