@@ -48,30 +48,14 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import BACKBONES, EngineConfig, ModelConfig, TrainConfig
-from engine.data import (
-    SegmentationFiles,
-    StepSampler,
-    TrainTransform,
-    batch_dataset,
-    label_lut,
-    normalize_image,
-    read_image,
-    read_manifest,
-    read_mask,
-    remap,
-)
+from engine.data import SegmentationFiles, batch_dataset, label_lut, read_manifest, remap
 from engine.fast import FastPaths, default_fast_paths
 from engine.model import DKDSegmenter
+from engine.sampling import StepSampler
+from engine.step_setup import StepModel, freeze_teacher, prepare_step, set_step_mode
 from engine.synthetic import render_sample
-from engine.train import (
-    Progress,
-    StepModel,
-    freeze_teacher,
-    prepare_step,
-    set_step_mode,
-    train_iteration,
-    train_step,
-)
+from engine.train import Progress, train_iteration, train_step
+from engine.transforms import TrainTransform, normalize_image, read_image, read_mask
 
 BASE_CLASSES, NEW_CLASSES = 15, 5  # the VOC 15-5 layout: 21 logit channels in the incremental step
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -165,7 +149,7 @@ def _time_on_device_batch(case: ThroughputCase, device: torch.device) -> tuple[l
     """Iteration end times of ``warmup + steps`` training iterations on one random on-device batch.
 
     Each is ``engine.train.train_iteration``, the iteration ``train_step`` runs, set up by the same
-    ``prepare_step``: only the data loader is left out.
+    ``engine.step_setup.prepare_step``: only the data loader is left out.
     """
     config = _config(case)
     model, teacher = _models(case, device)

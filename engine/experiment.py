@@ -12,21 +12,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
+from engine.ablation_table import ABLATION_METHODS, ablation_markdown, gap_closure
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
 from engine.data import read_manifest
 from engine.evaluate import Metrics, paper_view
@@ -34,16 +41,6 @@ from engine.pretrain import backbone_file, cache_dir, synthetic_backbone
 from engine.runner import BatchRef, StepData, StepRequest, run_step
 from engine.synthetic import generate_batches
 from engine.train import Progress as TrainProgress
-
-ABLATION_METHODS = ("finetune", "kd", "kd_dkd_randinit", "dkd")
-METHOD_LABELS = {
-    "base": "base model (step 0)",
-    "joint": "joint training (every class at once)",
-    "finetune": "fine-tuning (mBCE + AC)",
-    "kd": "+ KD",
-    "kd_dkd_randinit": "+ KD + DKD, random new-head init",
-    "dkd": "DKD (KD + DKD + AC init)",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,18 +164,21 @@ def run_protocol(
     return results
 
 
+def progress_bar(
+    label: str, counts: str, clock: ProgressColumn, console: Console, *, transient: bool = False
+) -> Progress:
+    """A rich progress bar: ``label``, the bar, ``counts`` (a format of the task's fields) and ``clock``."""
+    return Progress(
+        TextColumn(label), BarColumn(), TextColumn(counts), clock, console=console, transient=transient
+    )
+
+
 def train_with_progress(
     request: StepRequest, label: str, console: Console, data: StepData | None = None
 ) -> Metrics:
     """``run_step`` with a progress bar (iterations, loss, time left); the step's metrics."""
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} it  loss {task.fields[loss]:.4f}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    counts = "{task.completed}/{task.total} it  loss {task.fields[loss]:.4f}"
+    with progress_bar(label, counts, TimeRemainingColumn(), console, transient=True) as bar:
         task = bar.add_task("train", total=None, loss=float("nan"))
 
         def report(p: TrainProgress) -> None:
@@ -197,13 +197,9 @@ def pretrain_with_progress(model: ModelConfig, console: Console) -> None:
         or backbone_file(model.backbone, model.output_stride, cache_dir()).is_file()
     ):
         return
-    with Progress(
-        TextColumn("pre-training the backbone on generated classes (once; cached)"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} it"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
+    label = "pre-training the backbone on generated classes (once; cached)"
+    with progress_bar(
+        label, "{task.completed}/{task.total} it", TimeElapsedColumn(), console, transient=True
     ) as bar:
         task = bar.add_task("pretrain", total=None)
         path = synthetic_backbone(
@@ -365,13 +361,7 @@ def run_ablation_jobs(
     final: dict[int, dict[str, Metrics]] = {run.seed: {} for run in runs}
     by_seed = {run.seed: run for run in runs}
     total = len(runs) * (len(methods) + 2)
-    with Progress(
-        TextColumn("ablation"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} runs"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
+    with progress_bar("ablation", "{task.completed}/{task.total} runs", TimeElapsedColumn(), console) as bar:
         task = bar.add_task("runs", total=total)
         if workers <= 1:
             for run in runs:
@@ -405,12 +395,6 @@ def run_ablation_jobs(
                             job = pool.submit(train_ablation_run, by_seed[seed], method, config, True)
                             pending[job] = (seed, method)
     return final
-
-
-def gap_closure(final: Mapping[str, Metrics], method: str = "dkd") -> float:
-    """The share of the gap from fine-tuning to joint training in mIoU all that ``method`` closes."""
-    low, high = final["finetune"].miou_all, final["joint"].miou_all
-    return (final[method].miou_all - low) / (high - low) if high != low else math.nan
 
 
 def ablation(
@@ -455,48 +439,6 @@ def ablation(
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(markdown + f"\n{minutes:.1f} minutes on {machine}\n")
     return final
-
-
-def ablation_markdown(
-    runs: Mapping[int, Mapping[str, Metrics]], data: AblationData, config: EngineConfig
-) -> str:
-    """The ablation table: mean and spread (min-max) over seeds of each figure, paper grouping."""
-    names = ["base", *ABLATION_METHODS, "joint"]
-    lines = [
-        f"Protocol {data.protocol}, {data.train_per_step} training images per step at {data.image_size} px, "
-        f"{data.eval_images}-image evaluation set; seeds {', '.join(map(str, runs))}; after the last step; "
-        "paper grouping (old = background + base classes, new = later classes); mean [min-max] over seeds.",
-        "",
-        "| method | mIoU old | mIoU new | mIoU all | hIoU |",
-        "|---|---|---|---|---|",
-    ]
-    for name in names:
-        cells = []
-        for field in ("miou_old", "miou_new", "miou_all", "hiou"):
-            # mIoU all is the same in both groupings; old, new and hIoU are the paper's.
-            values = [
-                getattr(final[name] if field == "miou_all" else final[name].paper, field)
-                for final in runs.values()
-            ]
-            cells.append(spread(values))
-        lines.append(f"| {METHOD_LABELS.get(name, name)} | {' | '.join(cells)} |")
-    closures = [gap_closure(final) for final in runs.values()]
-    lines += [
-        "",
-        f"DKD closes {spread(closures)} % of the gap from fine-tuning to joint training (mIoU all).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def spread(values: Sequence[float]) -> str:
-    """``mean [min-max]`` in percent, NaNs left out."""
-    finite = [v for v in values if v == v]
-    if not finite:
-        return "-"
-    mean = sum(finite) / len(finite)
-    if len(finite) == 1:
-        return f"{100 * mean:.1f}"
-    return f"{100 * mean:.1f} [{100 * min(finite):.1f}-{100 * max(finite):.1f}]"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,13 +22,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
-from engine.data import TrainTransform, batch_dataset
+from engine.data import batch_dataset
 from engine.exceptions import CheckpointError
 from engine.synthetic import PRETRAINING_CLASSES, generate_pretraining_batch
+from engine.transforms import TrainTransform
+
+if TYPE_CHECKING:  # engine.model reads the cached backbone from here
+    from engine.model import DKDSegmenter
 
 log = logging.getLogger("ciss.engine.pretrain")
 
@@ -102,9 +107,6 @@ def synthetic_backbone(
     Concurrent callers wait on a lock file, so the backbone is trained once. ``progress(done, total)``
     is called after every iteration of that training.
     """
-    from engine.model import build_model
-    from engine.train import train_step
-
     recipe = recipe or PretrainRecipe()
     cache = cache or cache_dir()
     target = backbone_file(backbone, output_stride, cache, recipe)
@@ -123,31 +125,44 @@ def synthetic_backbone(
         if target.is_file():  # another process trained it while this one waited
             return target
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        config = pretrain_config(backbone, output_stride, recipe)
         log.info(
             "pre-training a %s backbone on %d generated classes, once; cached in %s",
             backbone,
             len(PRETRAINING_CLASSES),
             target,
         )
-        with tempfile.TemporaryDirectory(prefix="ciss-pretrain-") as scratch:
-            folder = generate_pretraining_batch(
-                Path(scratch), images=recipe.images, image_size=recipe.image_size, seed=recipe.seed
-            )
-            classes = {k: k for k in range(1, len(PRETRAINING_CLASSES) + 1)}
-            dataset = batch_dataset([(folder, classes)], "train", TrainTransform(recipe.image_size))
-            torch.manual_seed(recipe.seed)
-            model = build_model(config.model, [len(PRETRAINING_CLASSES)])
-            train_step(
-                model=model,
-                teacher=None,
-                dataset=dataset,
-                config=config,
-                step_index=0,
-                device=device,
-                progress=None if progress is None else lambda p: progress(p.iteration, p.total_iterations),
-            )
+        model = _pretrain(pretrain_config(backbone, output_stride, recipe), recipe, device, progress)
         staged = target.with_suffix(".tmp")
         torch.save({k: v.cpu() for k, v in model.backbone.state_dict().items()}, staged)
         os.replace(staged, target)
     return target
+
+
+def _pretrain(
+    config: EngineConfig,
+    recipe: PretrainRecipe,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
+) -> DKDSegmenter:
+    """A model trained as step 0 on a generated batch of :data:`PRETRAINING_CLASSES` (in a scratch folder)."""
+    from engine.model import build_model
+    from engine.train import train_step
+
+    with tempfile.TemporaryDirectory(prefix="ciss-pretrain-") as scratch:
+        folder = generate_pretraining_batch(
+            Path(scratch), images=recipe.images, image_size=recipe.image_size, seed=recipe.seed
+        )
+        classes = {k: k for k in range(1, len(PRETRAINING_CLASSES) + 1)}
+        dataset = batch_dataset([(folder, classes)], "train", TrainTransform(recipe.image_size))
+        torch.manual_seed(recipe.seed)
+        model = build_model(config.model, [len(PRETRAINING_CLASSES)])
+        train_step(
+            model=model,
+            teacher=None,
+            dataset=dataset,
+            config=config,
+            step_index=0,
+            device=device,
+            progress=None if progress is None else lambda p: progress(p.iteration, p.total_iterations),
+        )
+    return model

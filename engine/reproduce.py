@@ -24,21 +24,13 @@ from pathlib import Path
 from rich.console import Console
 
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
-from engine.data import (
-    DATASET_CLASSES,
-    EvalTransform,
-    SegmentationFiles,
-    TrainTransform,
-    dataset_pairs,
-    identity_lut,
-    label_sets,
-    protocol_dataset,
-    protocol_steps,
-)
+from engine.data import SegmentationFiles, identity_lut, label_sets
 from engine.evaluate import Metrics, paper_view
 from engine.exceptions import ConfigError
 from engine.experiment import train_with_progress
 from engine.runner import EvalGroup, StepData, StepRequest
+from engine.standard_datasets import DATASET_CLASSES, dataset_pairs, protocol_dataset, protocol_steps
+from engine.transforms import EvalTransform, TrainTransform
 
 METHODS = ("dkd", "dkd_m", "finetune", "joint")
 METHOD_LABELS = {

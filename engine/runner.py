@@ -19,20 +19,14 @@ from torch.utils.data import DataLoader
 
 from engine.checkpoint import load_model_files, save_model
 from engine.config import EngineConfig
-from engine.data import (
-    EvalTransform,
-    SegmentationFiles,
-    TrainTransform,
-    batch_dataset,
-    build_memory,
-    filter_indices,
-    label_sets,
-    pseudo_label,
-)
+from engine.data import SegmentationFiles, batch_dataset, filter_indices, label_sets
 from engine.evaluate import Metrics, evaluate, summarize
 from engine.exceptions import CheckpointError, ConfigError, DataError
+from engine.exemplar_memory import build_memory, pseudo_label
 from engine.model import DKDSegmenter, build_model, upsample
-from engine.train import Progress, TrainResult, new_class_ids, train_step
+from engine.step_setup import new_class_ids
+from engine.train import Progress, TrainResult, train_step
+from engine.transforms import EvalTransform, TrainTransform
 
 EvalGroup = tuple[str, set[int] | None, SegmentationFiles]  # (name, labelled classes or None: all, dataset)
 
@@ -262,6 +256,39 @@ def evaluate_model(
     return summarize(iou, old_classes, new_classes, base_classes=base_classes)
 
 
+def _step_models(request: StepRequest, device: torch.device) -> tuple[DKDSegmenter, DKDSegmenter | None]:
+    """The student and the teacher of a step: a new model and none at step 0; at t >= 1 the previous model
+    twice, the student with the step's classifier added."""
+    if request.step_index == 0:
+        return build_model(request.config.model, request.step_sizes), None
+    if request.teacher_dir is None:
+        raise ConfigError(f"step {request.step_index} needs the previous model (teacher_dir)")
+    teacher, _ = load_model(request.teacher_dir, device)
+    if teacher.step_sizes != request.step_sizes[:-1]:
+        raise CheckpointError(
+            f"{request.teacher_dir}: the model has steps {teacher.step_sizes}, "
+            f"but step {request.step_index} expects {request.step_sizes[:-1]}"
+        )
+    model, _ = load_model(request.teacher_dir, device)
+    model.add_step(request.step_sizes[-1], init_from_aux=request.config.train.init_from_aux)
+    return model, teacher
+
+
+def _step_datasets(
+    request: StepRequest, data: StepData | None, teacher: DKDSegmenter | None, device: torch.device
+) -> tuple[SegmentationFiles, list[EvalGroup]]:
+    """The training set (with its DKD-M memory) and the evaluation groups: from the request's batch
+    folders, or from ``data`` when given."""
+    if data is None:
+        return training_dataset(request, teacher, device), eval_groups(
+            request.eval_batches, crop=request.eval_crop
+        )
+    dataset = data.train
+    if data.memory_pool is not None:
+        dataset = with_memory(dataset, data.memory_pool, request, teacher, device)
+    return dataset, data.evaluation
+
+
 def run_step(
     request: StepRequest,
     *,
@@ -277,28 +304,8 @@ def run_step(
     """
     device = resolve_device(request.device)
     torch.manual_seed(request.config.train.seed + request.step_index)
-    teacher = None
-    if request.step_index == 0:
-        model = build_model(request.config.model, request.step_sizes)
-    else:
-        if request.teacher_dir is None:
-            raise ConfigError(f"step {request.step_index} needs the previous model (teacher_dir)")
-        teacher, _ = load_model(request.teacher_dir, device)
-        if teacher.step_sizes != request.step_sizes[:-1]:
-            raise CheckpointError(
-                f"{request.teacher_dir}: the model has steps {teacher.step_sizes}, "
-                f"but step {request.step_index} expects {request.step_sizes[:-1]}"
-            )
-        model, _ = load_model(request.teacher_dir, device)
-        model.add_step(request.step_sizes[-1], init_from_aux=request.config.train.init_from_aux)
-    if data is None:
-        dataset = training_dataset(request, teacher, device)
-        evaluation = eval_groups(request.eval_batches, crop=request.eval_crop)
-    else:
-        dataset = data.train
-        if data.memory_pool is not None:
-            dataset = with_memory(dataset, data.memory_pool, request, teacher, device)
-        evaluation = data.evaluation
+    model, teacher = _step_models(request, device)
+    dataset, evaluation = _step_datasets(request, data, teacher, device)
     request.workdir.mkdir(parents=True, exist_ok=True)
     result: TrainResult = train_step(
         model=model,

@@ -346,24 +346,7 @@ def generate_batches(
     """
     steps = parse_protocol(protocol, num_classes)
     total = sum(steps)
-    if total > len(CLASSES):
-        raise ConfigError(
-            f"protocol: {protocol!r} needs {total} classes; the synthetic set has {len(CLASSES)}"
-        )
-    if setting not in SETTINGS:
-        raise ConfigError(f"setting: {setting!r} is not one of {', '.join(SETTINGS)}")
-    if image_size < 16:
-        raise ConfigError(f"image_size: {image_size} must be >= 16")
-    if train_per_step < max(steps):
-        raise ConfigError(
-            f"train_per_step: {train_per_step} must be >= {max(steps)} (the largest step) "
-            "so that every class has pixels"
-        )
-    if val_per_step < 0:
-        raise ConfigError(f"val_per_step: {val_per_step} must be >= 0")
-    if eval_batch and eval_batch < total:
-        raise ConfigError(f"eval_batch: {eval_batch} must be 0 or >= {total} so every class has pixels")
-
+    _check_generation(steps, protocol, setting, image_size, (train_per_step, val_per_step, eval_batch))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     everything = list(range(1, total + 1))
@@ -388,19 +371,61 @@ def generate_batches(
         folders.append(folder)
     if eval_batch:
         folder = out_dir / f"{prefix}-eval"
-        _write_batch(
-            folder,
-            kind="eval",
-            labelled=everything,
-            extras=everything,
-            values=everything,
-            counts=(eval_batch, 0),
-            size=image_size,
-            seed_key=[seed, len(steps)],
-            comment=f"synthetic evaluation set of protocol {protocol}, seed {seed}",
-        )
+        comment = f"synthetic evaluation set of protocol {protocol}, seed {seed}"
+        _write_labelled_batch(folder, "eval", everything, eval_batch, image_size, [seed, len(steps)], comment)
         folders.append(folder)
     return folders
+
+
+def _check_generation(
+    steps: Sequence[int], protocol: str, setting: str, image_size: int, counts: tuple[int, int, int]
+) -> None:
+    """:class:`ConfigError` for arguments of :func:`generate_batches` that cannot give every class pixels;
+    ``counts`` are its train_per_step, val_per_step and eval_batch."""
+    train_per_step, val_per_step, eval_batch = counts
+    total = sum(steps)
+    if total > len(CLASSES):
+        raise ConfigError(
+            f"protocol: {protocol!r} needs {total} classes; the synthetic set has {len(CLASSES)}"
+        )
+    if setting not in SETTINGS:
+        raise ConfigError(f"setting: {setting!r} is not one of {', '.join(SETTINGS)}")
+    if image_size < 16:
+        raise ConfigError(f"image_size: {image_size} must be >= 16")
+    if train_per_step < max(steps):
+        raise ConfigError(
+            f"train_per_step: {train_per_step} must be >= {max(steps)} (the largest step) "
+            "so that every class has pixels"
+        )
+    if val_per_step < 0:
+        raise ConfigError(f"val_per_step: {val_per_step} must be >= 0")
+    if eval_batch and eval_batch < total:
+        raise ConfigError(f"eval_batch: {eval_batch} must be 0 or >= {total} so every class has pixels")
+
+
+def _write_labelled_batch(
+    folder: Path,
+    kind: str,
+    classes: list[int],
+    images: int,
+    size: int,
+    seed_key: list[int],
+    comment: str,
+    looks: Sequence[SynthClass] = CLASSES,
+) -> None:
+    """A batch folder without val/ whose images show ``classes`` only, each labelled with its own id."""
+    _write_batch(
+        folder,
+        kind=kind,
+        labelled=classes,
+        extras=classes,
+        values=classes,
+        counts=(images, 0),
+        size=size,
+        seed_key=seed_key,
+        comment=comment,
+        looks=looks,
+    )
 
 
 def generate_pretraining_batch(
@@ -415,16 +440,14 @@ def generate_pretraining_batch(
         raise ConfigError(f"images: {images} must be >= {len(classes)} so that every class has pixels")
     folder = Path(out_dir) / name
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _write_batch(
+    _write_labelled_batch(
         folder,
-        kind="train",
-        labelled=classes,
-        extras=classes,
-        values=classes,
-        counts=(images, 0),
-        size=image_size,
-        seed_key=[seed, 1_000],
-        comment=f"synthetic pre-training classes, seed {seed}",
+        "train",
+        classes,
+        images,
+        image_size,
+        [seed, 1_000],
+        f"synthetic pre-training classes, seed {seed}",
         looks=PRETRAINING_CLASSES,
     )
     return folder

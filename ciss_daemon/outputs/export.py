@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.outputs.predict import class_palette
-from engine.data import IMAGENET_MEAN, IMAGENET_STD
 from engine.evaluate import predict_labels
 from engine.model import DKDSegmenter, upsample
 from engine.runner import load_model
+from engine.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("torchscript", "onnx")
 # File name endings that say the format.

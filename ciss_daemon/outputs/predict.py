@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from ciss_daemon.exceptions import CissError
-from engine.data import normalize_image, read_image
 from engine.evaluate import predict_labels
 from engine.exceptions import DataError
 from engine.model import DKDSegmenter, upsample
 from engine.runner import load_model, resolve_device
+from engine.transforms import normalize_image, read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 OUTPUT_SUFFIXES = (".labels.png", ".colour.png", ".overlay.png")

@@ -32,8 +32,9 @@ from PIL import Image
 
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.outputs.predict import OUT_OF_PALETTE, class_palette, colour_mask, predict_image
-from engine.data import label_lut, read_image, read_mask, remap
+from engine.data import label_lut, remap
 from engine.runner import load_model, resolve_device
+from engine.transforms import read_image, read_mask
 
 REPORT_FILE = "report.html"
 SUMMARY_KEYS = (  # the gate's grouping: old = background and every class before the step

@@ -197,7 +197,7 @@ def _train(
 ) -> int:
     """Train, evaluate and (``write``: rank 0) save the step of ``job``; returns the exit code."""
     from engine.runner import eval_groups, evaluate_model, load_model, resolve_device, run_step
-    from engine.train import new_class_ids
+    from engine.step_setup import new_class_ids
 
     request = step_request(job)
     progress.phase("starting")

@@ -1,4 +1,5 @@
-"""Tests of engine.data: manifests, pairs, LUTs, transforms, dataset, samplers, memory, benchmarks."""
+"""Tests of the data modules (engine.data, transforms, sampling, exemplar_memory, standard_datasets):
+manifests, pairs, LUTs, transforms, dataset, samplers, memory, benchmarks."""
 
 from __future__ import annotations
 
@@ -12,29 +13,28 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from engine.data import (
-    ADE20K_CLASSES,
-    PROTOCOLS,
-    VOC_CLASSES,
-    EvalTransform,
     SegmentationFiles,
-    StepSampler,
-    TrainTransform,
-    ade20k_pairs,
     batch_dataset,
-    build_memory,
     filter_indices,
     label_lut,
     label_sets,
     list_pairs,
-    protocol_dataset,
-    protocol_steps,
-    pseudo_label,
-    random_crop_box,
     read_manifest,
     remap,
-    voc_pairs,
 )
 from engine.exceptions import ConfigError, DataError
+from engine.exemplar_memory import build_memory, pseudo_label
+from engine.sampling import StepSampler
+from engine.standard_datasets import (
+    ADE20K_CLASSES,
+    PROTOCOLS,
+    VOC_CLASSES,
+    ade20k_pairs,
+    protocol_dataset,
+    protocol_steps,
+    voc_pairs,
+)
+from engine.transforms import EvalTransform, TrainTransform, random_crop_box
 
 
 def write_pair(

@@ -8,16 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.ablation_table import ABLATION_METHODS, ablation_markdown, gap_closure
 from engine.config import EngineConfig, ModelConfig, TrainConfig
 from engine.evaluate import Metrics, paper_view, summarize
-from engine.experiment import (
-    ABLATION_METHODS,
-    AblationData,
-    ablation,
-    ablation_markdown,
-    cpu_config,
-    gap_closure,
-)
+from engine.experiment import AblationData, ablation, cpu_config
 
 
 def metrics(iou: dict[int, float]) -> Metrics:

@@ -23,7 +23,8 @@ from engine.fast import (
     upsample_separable,
 )
 from engine.losses import weighted_total
-from engine.train import StepModel, TrainResult, freeze_teacher, loss_terms, set_step_mode, train_step
+from engine.step_setup import StepModel, freeze_teacher, set_step_mode
+from engine.train import TrainResult, loss_terms, train_step
 
 CPU = torch.device("cpu")
 # Everything that runs on a CPU without code generation; compile has its own (slow) test.

@@ -15,7 +15,8 @@ from torch import nn
 from train_helpers import RandomSegmentation, base_and_student, tiny_config
 
 from engine.model import build_model
-from engine.train import Progress, build_optimizer, set_step_mode, train_step, warmup_poly
+from engine.step_setup import build_optimizer, set_step_mode, warmup_poly
+from engine.train import Progress, train_step
 
 
 def test_optimizer_groups_follow_method() -> None:
@@ -262,15 +263,15 @@ def test_training_follows_the_warmup_schedule() -> None:
 def test_a_stop_between_micro_batches_checkpoints_the_last_completed_iteration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import engine.train
+    import engine.step_setup
 
-    class HalfBatches(engine.train.MicroBatchFallback):
+    class HalfBatches(engine.step_setup.MicroBatchFallback):
         # As after a CUDA out-of-memory halving: each batch of 4 runs as two micro-batches of 2.
         def __init__(self, batch_size: int, **kwargs: object) -> None:
             super().__init__(batch_size, **kwargs)  # type: ignore[arg-type]
             self.micro_batch = batch_size // 2
 
-    monkeypatch.setattr(engine.train, "MicroBatchFallback", HalfBatches)
+    monkeypatch.setattr(engine.step_setup, "MicroBatchFallback", HalfBatches)
     config = tiny_config(checkpoint_every=100, epochs_incremental=1)
     teacher, student = base_and_student(config)
     calls = {"n": 0}

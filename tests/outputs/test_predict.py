@@ -19,10 +19,10 @@ from ciss_daemon.outputs.predict import (
     predict_images,
     with_legend,
 )
-from engine.data import normalize_image
 from engine.evaluate import predict_labels
 from engine.exceptions import CheckpointError
 from engine.model import upsample
+from engine.transforms import normalize_image
 
 
 def test_palette_follows_the_voc_scheme_and_is_distinct() -> None:
