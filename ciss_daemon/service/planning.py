@@ -90,14 +90,16 @@ def training_window(expression: str) -> Any:
     return CronTrigger.from_crontab(expression, timezone=dt.UTC)
 
 
-def next_opening(window: Any, now: float) -> dt.datetime | None:
+def next_opening(window: Any, now: dt.datetime | float) -> dt.datetime | None:
     """None when the training window is open at ``now`` (or there is none); else when it opens next (UTC).
 
-    The window is a set of whole minutes: it is open when the trigger fires in the current minute.
+    The window is a set of whole minutes: it is open when the trigger fires in the current minute. The
+    daemon passes its clock's datetime; ``ciss status`` still passes seconds since the epoch.
     """
     if window is None:
         return None
-    minute = dt.datetime.fromtimestamp(now, dt.UTC).replace(second=0, microsecond=0)
+    at = now if isinstance(now, dt.datetime) else dt.datetime.fromtimestamp(now, dt.UTC)
+    minute = at.astimezone(dt.UTC).replace(second=0, microsecond=0)
     fire = window.get_next_fire_time(None, minute)
     if fire is not None and fire <= minute:
         return None
