@@ -569,9 +569,9 @@ def check_window_closed(ws: Workspace, expression: str) -> dict[str, Any]:
 
     daemon = Daemon(ws, load_settings(ws.settings_path), watch=False)
     daemon.window = CronTrigger.from_crontab(expression, timezone=dt.UTC)
-    now = time.time()
-    fire = daemon.window.get_next_fire_time(None, dt.datetime.now(dt.UTC))
-    inside = fire.timestamp() + 30 if fire is not None else None
+    now = dt.datetime.now(dt.UTC)
+    fire = daemon.window.get_next_fire_time(None, now)
+    inside = fire + dt.timedelta(seconds=30) if fire is not None else None
     return {
         "expression": expression,
         "open_now": daemon.window_open(now),

@@ -7,7 +7,6 @@ SQL (``catalog/plain.py``) and answers in a fraction of a second; ``views.py`` d
 from __future__ import annotations
 
 import datetime as dt
-import time
 from typing import Any
 
 from ciss_daemon.catalog.plain import Reader
@@ -23,7 +22,7 @@ def snapshot(
     read: Reader,
     *,
     settings: Settings | None = None,
-    now: float | None = None,
+    now: dt.datetime | None = None,
 ) -> dict[str, Any]:
     """The catalog's snapshot (read through ``read``) plus whether a daemon holds the workspace and why
     the queue waits.
@@ -36,7 +35,7 @@ def snapshot(
     data["daemon"] = {"alive": alive, "pid": read_pid(ws.lock_path) if alive else None}
     data["workspace"] = str(ws.root)
     window = settings.daemon.training_window if settings is not None else ""
-    data["waiting"] = wait_reason(data, ws, window, time.time() if now is None else now)
+    data["waiting"] = wait_reason(data, ws, window, dt.datetime.now(dt.UTC) if now is None else now)
     for step in data["steps"]:
         if step["state"] == "queued" and data["waiting"]:
             # What ended the last attempt ("killed by SIGKILL") is history, kept apart from the note.
@@ -44,7 +43,7 @@ def snapshot(
     return data
 
 
-def wait_reason(data: dict[str, Any], ws: Workspace, window: str, now: float) -> str | None:
+def wait_reason(data: dict[str, Any], ws: Workspace, window: str, now: dt.datetime) -> str | None:
     """Why the queued steps do not train yet, in words; None when nothing is queued or one trains."""
     if not data["queue"] or data["running"]:
         return None

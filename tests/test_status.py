@@ -70,13 +70,13 @@ def test_a_closed_training_window_names_its_next_opening(ws: Workspace) -> None:
     lock = InstanceLock(ws.lock_path)
     lock.acquire()  # a daemon runs
     try:
-        data = snapshot_of(ws, settings=settings, now=NOON.timestamp())
+        data = snapshot_of(ws, settings=settings, now=NOON)
         opens = dt.datetime(2026, 5, 1, 22, 0, tzinfo=dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M")
         assert (
             data["waiting"]
             == f"waits for the training window '* 22-23 * * *' (UTC), which opens next at {opens}"
         )
-        night = dt.datetime(2026, 5, 1, 22, 30, tzinfo=dt.UTC).timestamp()
+        night = dt.datetime(2026, 5, 1, 22, 30, tzinfo=dt.UTC)
         data = snapshot_of(ws, settings=settings, now=night)
         assert data["waiting"] == "starts at the daemon's next check"
     finally:

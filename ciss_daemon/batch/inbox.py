@@ -12,7 +12,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Callable, Collection, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -65,10 +65,10 @@ class CompletenessTracker:
     def __init__(self, settle_seconds: float) -> None:
         self.settle_seconds = settle_seconds
         self._seen: dict[
-            Path, tuple[Signature, float]
+            Path, tuple[Signature, datetime]
         ] = {}  # folder -> (signature, time it was last seen changing)
 
-    def observe(self, folder: Path, now: float) -> bool:
+    def observe(self, folder: Path, now: datetime) -> bool:
         """Look at `folder` at time `now`; True when batch.toml exists and nothing changed for settle_seconds.
 
         A folder first seen counts as changing at that moment, so after a restart it settles again.
@@ -81,7 +81,7 @@ class CompletenessTracker:
         else:
             changed_at = seen[1]
         has_manifest = any(rel == MANIFEST for rel, _, _ in signature)
-        return has_manifest and now - changed_at >= self.settle_seconds
+        return has_manifest and now - changed_at >= timedelta(seconds=self.settle_seconds)
 
     def forget(self, folder: Path) -> None:
         """Drop what is known of `folder` (it was accepted or rejected, or is gone)."""

@@ -2,8 +2,8 @@
 
 One loop in the main thread does all the work (it is the catalog's only writer). Watcher events and
 APScheduler's interval timers only set flags and wake the loop; each iteration catches, logs and carries
-on, so one bad batch or a failed job never stops the service. ``tick(now)`` takes the time as an argument
-so tests drive it without sleeping.
+on, so one bad batch or a failed job never stops the service. ``tick(now)`` takes the time (an aware UTC
+datetime, ``service/clock.py``) as an argument so tests drive it without sleeping.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,8 @@ from ciss_daemon.catalog import records as catalog
 from ciss_daemon.catalog.tables import Job, JobState, StepState
 from ciss_daemon.exceptions import CissError
 from ciss_daemon.profiles import cpu_mismatch, nvidia_gpu_visible
+from ciss_daemon.service import clock as service_clock
 from ciss_daemon.service import intake, launch, recovery, systemd, training
-from ciss_daemon.service.clock import utc
 from ciss_daemon.service.jobs import Outcome, TrainingProcess
 from ciss_daemon.service.notify import Notifier, last_event_id, new_events
 from ciss_daemon.service.operator import apply_requests
@@ -45,6 +44,10 @@ log = logging.getLogger("ciss.daemon")
 
 # Seconds between tries to record a finished job whose recording failed (see Daemon.outcome_failed).
 OUTCOME_RETRY_SECONDS = 10.0
+# How often a running job's progress report is copied into the catalog.
+PROGRESS_WRITE_INTERVAL = dt.timedelta(seconds=2)
+# Earlier than any time the clock reads: the first progress write and a first retry are due at once.
+NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 
 class Daemon:
@@ -55,7 +58,7 @@ class Daemon:
         workspace: Workspace,
         settings: Settings,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], dt.datetime] = service_clock.now,
         watch: bool = True,
     ) -> None:
         self.ws = workspace
@@ -70,11 +73,11 @@ class Daemon:
         self.pending: set[Path] = set()  # inbox folders seen but not yet settled
         self.process: TrainingProcess | None = None
         self.process_job_id: int | None = None
-        self.last_progress_write = 0.0
+        self.last_progress_write = NEVER
         self.slow_jobs_warned: set[int] = set()
         self.resume_logged: tuple[int, int] | None = None  # (job id, attempt) whose resume was logged
         # After recording a finished job failed (e.g. a full disk): when to try again, and the last error.
-        self.outcome_retry_at = 0.0
+        self.outcome_retry_at = NEVER
         self.outcome_error: str | None = None
         self.lock = systemd.InstanceLock(workspace.lock_path)
         # One daemon per catalog too: two hosts may point at one PostgreSQL catalog.
@@ -223,7 +226,7 @@ class Daemon:
 
     # --- one iteration -------------------------------------------------------------------------------
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: dt.datetime) -> None:
         """One pass: operator requests, inbox, the running job, the next job, housekeeping."""
         apply_requests(self.ws, self.session, now=now)
         changed = self.watcher is not None and self.watcher.changed.is_set()
@@ -257,17 +260,17 @@ class Daemon:
 
     # --- inbox --------------------------------------------------------------------------------------
 
-    def scan_inbox(self, now: float) -> None:
+    def scan_inbox(self, now: dt.datetime) -> None:
         intake.scan_inbox(
             self.ws, self.settings, self.session, tracker=self.tracker, pending=self.pending, now=now
         )
 
-    def ingest(self, folder: Path, now: float) -> None:
+    def ingest(self, folder: Path, now: dt.datetime) -> None:
         intake.ingest(folder, self.ws, self.settings, self.session, now=now)
 
     # --- jobs ---------------------------------------------------------------------------------------
 
-    def dispatch(self, now: float) -> None:
+    def dispatch(self, now: dt.datetime) -> None:
         """Start the next queued step when nothing trains and the training window is open."""
         if self.process is not None or self.stopping.is_set() or not self.window_open(now):
             return
@@ -286,28 +289,28 @@ class Daemon:
             # A checkpoint means a resume; the worker's first progress report says at which iteration.
             verb = "resumes from its checkpoint" if Path(job.workdir, CHECKPOINT).exists() else "started"
             process = TrainingProcess.start(Path(job.workdir), request, self.launch)
-            catalog.start_job(session=s, job=job, pid=process.pid, now=utc(now))
+            catalog.start_job(session=s, job=job, pid=process.pid, now=now)
             catalog.log_event(
                 session=s,
                 kind="training",
                 message=f"step {step.index} training {verb} (attempt {job.attempts} of {job.max_attempts})",
                 step=step,
-                now=utc(now),
+                now=now,
             )
         self.process, self.process_job_id = process, job.id
         systemd.notify(STATUS=f"training step {step.index}")
         log.info("step %d: training %s (job %d, pid %d)", step.index, verb, job.id, process.pid)
 
-    def window_open(self, now: float) -> bool:
+    def window_open(self, now: dt.datetime) -> bool:
         return next_opening(self.window, now) is None
 
-    def poll_job(self, now: float) -> None:
+    def poll_job(self, now: dt.datetime) -> None:
         """Copy the child's progress into the catalog; handle its end."""
         if self.process is None:
             return
         outcome = self.process.poll()
         if outcome is None:
-            if now - self.last_progress_write >= 2.0:
+            if now - self.last_progress_write >= PROGRESS_WRITE_INTERVAL:
                 self.record_progress(now)
             return
         if now < self.outcome_retry_at:
@@ -318,11 +321,11 @@ class Daemon:
         except Exception as error:
             self.outcome_failed(error, now)
             return
-        self.process, self.outcome_error, self.outcome_retry_at = None, None, 0.0
+        self.process, self.outcome_error, self.outcome_retry_at = None, None, NEVER
         self.retention_due = True  # a finished job's checkpoint may go now, not within the hour
         systemd.notify(STATUS="watching the inbox")
 
-    def outcome_failed(self, error: Exception, now: float) -> None:
+    def outcome_failed(self, error: Exception, now: dt.datetime) -> None:
         """Recording a finished job failed (a full disk while the candidate moves or the pointer swaps).
 
         The transaction rolled back, so the catalog still shows the job running; the outcome is kept and
@@ -331,7 +334,7 @@ class Daemon:
         the catalog, so readers never use a model the catalog does not call current.
         """
         message = f"{type(error).__name__}: {error}"
-        self.outcome_retry_at = now + OUTCOME_RETRY_SECONDS
+        self.outcome_retry_at = now + dt.timedelta(seconds=OUTCOME_RETRY_SECONDS)
         first = message != self.outcome_error
         self.outcome_error = message
         if first:
@@ -351,7 +354,7 @@ class Daemon:
                         message=f"could not record the trained model ({message}); retrying every "
                         f"{OUTCOME_RETRY_SECONDS:.0f} s",
                         step=job.step if job is not None else None,
-                        now=utc(now),
+                        now=now,
                     )
             except Exception:  # the catalog's disk may be the full one: the log above says it all
                 log.warning("could not record the error in the catalog either; see the log above")
@@ -361,7 +364,7 @@ class Daemon:
         except Exception as again:
             log.warning("could not check models/current against the catalog (%s); retrying later", again)
 
-    def record_progress(self, now: float) -> None:
+    def record_progress(self, now: dt.datetime) -> None:
         assert self.process is not None
         progress = self.process.progress()
         if progress is None:
@@ -371,18 +374,20 @@ class Daemon:
             job = s.get(Job, self.process_job_id)
             if job is None or job.state != JobState.RUNNING:
                 return
-            catalog.update_job_progress(session=s, job=job, progress=progress, now=utc(now))
+            catalog.update_job_progress(session=s, job=job, progress=progress, now=now)
             self.warn_if_stop_would_kill(s, job, progress, now)
             resumed = progress.get("resumed_at")
             if resumed and self.resume_logged != (job.id, job.attempts):
                 self.resume_logged = (job.id, job.attempts)
                 message = f"step {job.step.index} training resumed at iteration {resumed}"
                 log.info("%s", message)
-                catalog.log_event(session=s, kind="training", message=message, step=job.step, now=utc(now))
+                catalog.log_event(session=s, kind="training", message=message, step=job.step, now=now)
             if progress.get("phase") == "evaluating" and job.step.state == StepState.TRAINING:
-                catalog.set_step_state(session=s, step=job.step, state=StepState.EVALUATING, now=utc(now))
+                catalog.set_step_state(session=s, step=job.step, state=StepState.EVALUATING, now=now)
 
-    def warn_if_stop_would_kill(self, s: Session, job: Job, progress: dict[str, Any], now: float) -> None:
+    def warn_if_stop_would_kill(
+        self, s: Session, job: Job, progress: dict[str, Any], now: dt.datetime
+    ) -> None:
         """Once per job: say when one iteration outlasts the stop timeout, so a stop would kill training."""
         rate = progress.get("images_per_second") or 0.0
         timeout = self.settings.daemon.stop_timeout_seconds
@@ -399,11 +404,9 @@ class Daemon:
             "smaller settings"
         )
         log.warning("%s", message)
-        catalog.log_event(
-            session=s, kind="slow", level="warning", message=message, step=job.step, now=utc(now)
-        )
+        catalog.log_event(session=s, kind="slow", level="warning", message=message, step=job.step, now=now)
 
-    def handle_outcome(self, outcome: Outcome, now: float, *, stopping: bool = False) -> None:
+    def handle_outcome(self, outcome: Outcome, now: dt.datetime, *, stopping: bool = False) -> None:
         with self.session() as s:
             job = s.get(Job, self.process_job_id)
             if job is None or job.state != JobState.RUNNING:

@@ -8,6 +8,7 @@ says what is wrong (``batch/validation.py``), the inbox copies and archives, the
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import shutil
 from collections.abc import Callable
@@ -27,7 +28,6 @@ from ciss_daemon.batch.inbox import (
 from ciss_daemon.batch.listing import printable
 from ciss_daemon.batch.validation import Problem, ValidatedBatch, validate_batch
 from ciss_daemon.catalog import records as catalog
-from ciss_daemon.service.clock import utc
 from ciss_daemon.settings import Settings
 from ciss_daemon.workspace import Workspace
 
@@ -43,7 +43,7 @@ def scan_inbox(
     *,
     tracker: CompletenessTracker,
     pending: set[Path],
-    now: float,
+    now: dt.datetime,
 ) -> None:
     """Ingest every complete folder of the inbox; ``pending`` keeps those still settling (changed here)."""
     folders = candidate_folders(ws.inbox)
@@ -62,7 +62,9 @@ def scan_inbox(
             log.exception("could not ingest %s; it stays in the inbox", folder.name)
 
 
-def ingest(folder: Path, ws: Workspace, settings: Settings, transaction: Transaction, *, now: float) -> None:
+def ingest(
+    folder: Path, ws: Workspace, settings: Settings, transaction: Transaction, *, now: dt.datetime
+) -> None:
     """Validate a complete folder; accept it as a batch (and a step) or reject it with its reasons."""
     with transaction() as s:
         unavailable = catalog.unavailable_class_names(session=s)
@@ -85,7 +87,7 @@ def ingest(folder: Path, ws: Workspace, settings: Settings, transaction: Transac
     except BaseException:
         shutil.rmtree(stored, ignore_errors=True)  # our own copy; the original is still in the inbox
         raise
-    archived = archive_folder(folder, archive=ws.archive, now=utc(now))
+    archived = archive_folder(folder, archive=ws.archive, now=now)
     log.info("%s; original archived at %s", message, archived)
 
 
@@ -96,7 +98,7 @@ def record_accepted(
     settings: Settings,
     transaction: Transaction,
     *,
-    now: float,
+    now: dt.datetime,
 ) -> str:
     """Record a validated batch stored at ``stored`` (and its step and job); returns the event's words."""
     with transaction() as s:
@@ -109,38 +111,38 @@ def record_accepted(
             class_names=batch.classes,
             n_train=len(batch.train_stems),
             n_val=len(batch.val_stems),
-            now=utc(now),
+            now=now,
         )
         if batch.kind == "train":
-            step = catalog.create_step(session=s, batch=row, now=utc(now))
+            step = catalog.create_step(session=s, batch=row, now=now)
             catalog.create_job(
                 session=s,
                 step=step,
                 max_attempts=settings.daemon.max_attempts,
                 jobs_dir=ws.jobs,
-                now=utc(now),
+                now=now,
             )
             names = ", ".join(batch.classes.values())
             message = f"batch {batch.name!r} accepted as step {step.index} ({names})"
         else:
             step = None
             message = f"evaluation batch {batch.name!r} accepted ({len(batch.train_stems)} images)"
-        catalog.log_event(session=s, kind="accepted", message=message, step=step, now=utc(now))
+        catalog.log_event(session=s, kind="accepted", message=message, step=step, now=now)
     return message
 
 
 def reject(
-    folder: Path, problems: list[Problem], ws: Workspace, transaction: Transaction, *, now: float
+    folder: Path, problems: list[Problem], ws: Workspace, transaction: Transaction, *, now: dt.datetime
 ) -> None:
     """Move the folder to ``rejected/`` with its REJECTED.txt, and record the rejection."""
-    moved = reject_folder(folder, rejected=ws.rejected, problems=problems, now=utc(now))
+    moved = reject_folder(folder, rejected=ws.rejected, problems=problems, now=now)
     reasons = [str(p) for p in problems]
     # A folder name may hold bytes that are not UTF-8 (surrogate escapes), which the catalog cannot
     # store: record and print it escaped, as REJECTED.txt does.
     name, report = printable(folder.name), printable(str(moved / "REJECTED.txt"))
     with transaction() as s:
         catalog.record_rejection(
-            session=s, batch_name=name, reasons=reasons, path=printable(str(moved)), now=utc(now)
+            session=s, batch_name=name, reasons=reasons, path=printable(str(moved)), now=now
         )
         catalog.log_event(
             session=s,
@@ -148,6 +150,6 @@ def reject(
             level="warning",
             message=f"batch {name!r} rejected: {reasons[0]}"
             + (f" (and {len(reasons) - 1} more, see {report})" if len(reasons) > 1 else ""),
-            now=utc(now),
+            now=now,
         )
     log.warning("batch %r rejected (%d problems): %s; see %s", name, len(reasons), reasons[0], report)

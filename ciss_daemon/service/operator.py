@@ -11,6 +11,7 @@ the catalog, which the daemon settles at its next start (``Daemon.reconcile_curr
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 import uuid
@@ -25,8 +26,7 @@ from ciss_daemon.catalog import connection
 from ciss_daemon.catalog import records as catalog
 from ciss_daemon.catalog.tables import ModelVersion, Step, StepState, VersionState
 from ciss_daemon.exceptions import CissError, OperatorError
-from ciss_daemon.service import systemd
-from ciss_daemon.service.clock import utc
+from ciss_daemon.service import clock, systemd
 from ciss_daemon.service.promotion import swap_current
 from ciss_daemon.service.retention import prune
 from ciss_daemon.workspace import Workspace, daemon_alive
@@ -35,16 +35,16 @@ from engine.atomic import write_json
 ACTIONS = ("promote", "discard", "rollback", "prune")
 
 
-def promote(ws: Workspace, s: Session, version: ModelVersion, *, reason: str, now: float) -> None:
+def promote(ws: Workspace, s: Session, version: ModelVersion, *, reason: str, now: dt.datetime) -> None:
     """Make ``version`` current: catalog change, pointer swap; the caller's transaction then commits."""
-    catalog.promote_version(session=s, version=version, reason=reason, now=utc(now))
+    catalog.promote_version(session=s, version=version, reason=reason, now=now)
     swap_current(ws.models, version.version)
     catalog.log_event(
         session=s,
         kind="promoted",
         message=f"step {version.step.index}: {version.version} promoted ({reason})",
         step=version.step,
-        now=utc(now),
+        now=now,
     )
 
 
@@ -69,7 +69,7 @@ def _held_candidate(s: Session, target: str | None) -> ModelVersion:
     return versions[-1]
 
 
-def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now: float) -> str:
+def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now: dt.datetime) -> str:
     """Carry out one operator action in the open transaction ``s``; returns what was done, in words."""
     if action == "promote":
         version = _held_candidate(s, target)
@@ -86,13 +86,13 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
                 raise OperatorError(f"no step {target} in the catalog; `ciss status` lists the steps")
         else:
             step = _held_candidate(s, target).step
-        catalog.discard_step(session=s, step=step, reason="discarded by the operator", now=utc(now))
+        catalog.discard_step(session=s, step=step, reason="discarded by the operator", now=now)
         catalog.log_event(
             session=s,
             kind="discarded",
             message=f"step {step.index} discarded by the operator",
             step=step,
-            now=utc(now),
+            now=now,
         )
         return f"step {step.index} ({step.batch.name}) discarded; its classes may be taught again"
     if action == "rollback":
@@ -104,7 +104,7 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
                 f"model {version.version} was pruned (its folder is gone); "
                 "`ciss models` lists the models you can roll back to"
             )
-        steps = catalog.rollback_to(session=s, version=version, now=utc(now))
+        steps = catalog.rollback_to(session=s, version=version, now=now)
         swap_current(ws.models, version.version)
         names = ", ".join(c.name for st in steps for c in st.classes) or "none"
         catalog.log_event(
@@ -112,18 +112,18 @@ def do_action(ws: Workspace, s: Session, action: str, target: str | None, *, now
             kind="rolled_back",
             level="warning",
             message=f"rolled back to {version.version}; untaught classes: {names}",
-            now=utc(now),
+            now=now,
         )
         return f"{version.version} is the current model again; classes no longer taught: {names}"
     if action == "prune":
         message = prune(s, target)
-        catalog.log_event(session=s, kind="pruned", message=message, now=utc(now))
+        catalog.log_event(session=s, kind="pruned", message=message, now=now)
         return message
     raise OperatorError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
 
 
 def apply_requests(
-    ws: Workspace, transaction: Callable[[], AbstractContextManager[Session]], *, now: float
+    ws: Workspace, transaction: Callable[[], AbstractContextManager[Session]], *, now: dt.datetime
 ) -> None:
     """Daemon side: answer every request file in ``requests/`` (``<id>.json`` -> ``<id>.answer``)."""
     if not ws.requests.is_dir():
@@ -149,7 +149,6 @@ def run_action(
     target: str | None,
     *,
     timeout: float = 60.0,
-    clock: Callable[[], float] = time.time,
 ) -> str:
     """CLI side: through the running daemon, or directly under the daemon's lock when none runs."""
     if daemon_alive(ws.lock_path):
@@ -176,6 +175,6 @@ def run_action(
         connection.check_catalog(url)
         factory = connection.session_factory(connection.make_engine(url))
         with connection.transaction(factory) as s:
-            return do_action(ws, s, action, target, now=clock())
+            return do_action(ws, s, action, target, now=clock.now())
     finally:
         lock.release()

@@ -7,6 +7,7 @@ half-written temporary files are deleted.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import shutil
 from pathlib import Path
@@ -16,7 +17,6 @@ from sqlalchemy.orm import Session
 
 from ciss_daemon.catalog import records as catalog
 from ciss_daemon.catalog.tables import Job, JobState, ModelVersion, StepState, VersionState
-from ciss_daemon.service.clock import utc
 from ciss_daemon.service.intake import Transaction
 from ciss_daemon.service.jobs import stop_orphan, temp_files
 from ciss_daemon.service.promotion import current_target, swap_current
@@ -27,7 +27,7 @@ from ciss_daemon.workspace import Workspace
 log = logging.getLogger("ciss.daemon")
 
 
-def recover(ws: Workspace, settings: Settings, transaction: Transaction, *, now: float) -> None:
+def recover(ws: Workspace, settings: Settings, transaction: Transaction, *, now: dt.datetime) -> None:
     """After a crash or restart: stop orphan workers, requeue running jobs, repair ``models/current``."""
     with transaction() as s:
         for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING)):
@@ -62,7 +62,7 @@ def remove_leftovers(ws: Workspace) -> None:
         log.info("removed %d temporary files left by an earlier crash", len(files))
 
 
-def reconcile_current(s: Session, ws: Workspace, *, now: float) -> None:
+def reconcile_current(s: Session, ws: Workspace, *, now: dt.datetime) -> None:
     """Make ``models/current`` and the catalog agree after a crash in the middle of a promotion.
 
     The pointer is swapped before the catalog is updated: a pointer naming a candidate means the
@@ -75,16 +75,16 @@ def reconcile_current(s: Session, ws: Workspace, *, now: float) -> None:
     named = s.scalar(select(ModelVersion).where(ModelVersion.version == target)) if target else None
     if named is not None and named.state == VersionState.CANDIDATE:
         if named.step.state == StepState.EVALUATING:
-            catalog.set_step_state(session=s, step=named.step, state=StepState.HELD, now=utc(now))
+            catalog.set_step_state(session=s, step=named.step, state=StepState.HELD, now=now)
         catalog.promote_version(
-            session=s, version=named, reason="promotion completed after a restart", now=utc(now)
+            session=s, version=named, reason="promotion completed after a restart", now=now
         )
         catalog.log_event(
             session=s,
             kind="promoted",
             message=f"{named.version} promotion completed after a restart",
             step=named.step,
-            now=utc(now),
+            now=now,
         )
     elif current is not None:
         swap_current(ws.models, current.version)

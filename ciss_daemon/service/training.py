@@ -7,6 +7,7 @@ here inside one write transaction. The gate (``service/promotion.py``) decides; 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import shutil
@@ -17,7 +18,6 @@ from sqlalchemy.orm import Session
 from ciss_daemon.catalog import records as catalog
 from ciss_daemon.catalog.tables import Job, JobState, StepState
 from ciss_daemon.exceptions import CissError
-from ciss_daemon.service.clock import utc
 from ciss_daemon.service.operator import promote
 from ciss_daemon.service.promotion import gate
 from ciss_daemon.service.protocol import CANDIDATE, JobResult
@@ -29,13 +29,13 @@ log = logging.getLogger("ciss.daemon")
 
 
 def finish_training(
-    s: Session, job: Job, result: JobResult, ws: Workspace, settings: Settings, *, now: float
+    s: Session, job: Job, result: JobResult, ws: Workspace, settings: Settings, *, now: dt.datetime
 ) -> None:
     """Record the candidate, move it into ``models/``, then promote or hold it by the gate."""
     step = job.step
-    catalog.finish_job(session=s, job=job, state=JobState.DONE, now=utc(now))
+    catalog.finish_job(session=s, job=job, state=JobState.DONE, now=now)
     if step.state == StepState.TRAINING:
-        catalog.set_step_state(session=s, step=step, state=StepState.EVALUATING, now=utc(now))
+        catalog.set_step_state(session=s, step=step, state=StepState.EVALUATING, now=now)
     version = catalog.record_model_version(
         session=s,
         step=step,
@@ -46,7 +46,7 @@ def finish_training(
             "current": result.current_metrics,
             "history": result.history,
         },
-        now=utc(now),
+        now=now,
     )
     assert job.workdir is not None  # create_job gives every job its folder
     target, candidate = Path(version.path), Path(job.workdir, CANDIDATE)
@@ -72,7 +72,7 @@ def finish_training(
         log.info("step %d: %s promoted (%s)", step.index, version.version, decision.reason)
         return
     reason = decision.reason if not decision.promote else "auto_promote is off"
-    catalog.set_step_state(session=s, step=step, state=StepState.HELD, reason=reason, now=utc(now))
+    catalog.set_step_state(session=s, step=step, state=StepState.HELD, reason=reason, now=now)
     catalog.log_event(
         session=s,
         kind="held",
@@ -80,40 +80,40 @@ def finish_training(
         message=f"step {step.index}: {version.version} held for the operator: {reason}; "
         "`ciss promote` or `ciss discard`",
         step=step,
-        now=utc(now),
+        now=now,
     )
     log.warning("step %d: %s held: %s", step.index, version.version, reason)
 
 
-def fail_job(s: Session, job: Job, message: str, *, now: float) -> None:
+def fail_job(s: Session, job: Job, message: str, *, now: dt.datetime) -> None:
     """Fail a job and its step for good, with the reason in the catalog, its event log and the log."""
-    catalog.finish_job(session=s, job=job, state=JobState.FAILED, error=message, now=utc(now))
+    catalog.finish_job(session=s, job=job, state=JobState.FAILED, error=message, now=now)
     catalog.log_event(
         session=s,
         kind="failed",
         level="error",
         message=f"step {job.step.index} failed: {message}",
         step=job.step,
-        now=utc(now),
+        now=now,
     )
     log.error("step %d failed: %s", job.step.index, message)
 
 
-def end_attempt(s: Session, job: Job, reason: str, *, now: float, counted: bool = True) -> None:
+def end_attempt(s: Session, job: Job, reason: str, *, now: dt.datetime, counted: bool = True) -> None:
     """Requeue a job whose attempt ended early, or fail its step once its attempts are spent."""
     if not counted:
         job.attempts -= 1  # a requested stop (SIGTERM) is not a failed attempt
     if job.attempts >= job.max_attempts:
         fail_job(s, job, f"{reason}; gave up after {job.attempts} attempts", now=now)
         return
-    catalog.requeue_job(session=s, job=job, error=reason, now=utc(now))
+    catalog.requeue_job(session=s, job=job, error=reason, now=now)
     catalog.log_event(
         session=s,
         kind="requeued",
         level="warning" if counted else "info",
         message=f"step {job.step.index}: {reason}; it resumes from its checkpoint",
         step=job.step,
-        now=utc(now),
+        now=now,
     )
 
 

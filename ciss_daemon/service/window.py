@@ -19,14 +19,14 @@ def training_window(expression: str) -> Any:
     return CronTrigger.from_crontab(expression, timezone=dt.UTC)
 
 
-def next_opening(window: Any, now: float) -> dt.datetime | None:
+def next_opening(window: Any, now: dt.datetime) -> dt.datetime | None:
     """None when the training window is open at ``now`` (or there is none); else when it opens next (UTC).
 
     The window is a set of whole minutes: it is open when the trigger fires in the current minute.
     """
     if window is None:
         return None
-    minute = dt.datetime.fromtimestamp(now, dt.UTC).replace(second=0, microsecond=0)
+    minute = now.astimezone(dt.UTC).replace(second=0, microsecond=0)
     fire = window.get_next_fire_time(None, minute)
     if fire is not None and fire <= minute:
         return None

@@ -2,7 +2,7 @@
 
 import os
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,11 @@ from ciss_daemon.exceptions import SubmitError, WorkspaceError
 NOW = datetime(2026, 11, 25, 10, 15, 0, tzinfo=UTC)
 
 
+def at(seconds: float) -> datetime:
+    """``seconds`` after ``NOW``: the times a test moves its clock to by hand."""
+    return NOW + timedelta(seconds=seconds)
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Relative path -> content of every regular file under `root`."""
     return {
@@ -51,38 +56,38 @@ def test_signature_sees_content_size_and_mtime(tmp_path: Path) -> None:
 def test_not_complete_before_settle_time_and_complete_after(tmp_path: Path) -> None:
     folder = make_batch(tmp_path)
     tracker = CompletenessTracker(settle_seconds=5)
-    assert not tracker.observe(folder, now=100.0)
-    assert not tracker.observe(folder, now=104.9)
-    assert tracker.observe(folder, now=105.0)
+    assert not tracker.observe(folder, now=at(100.0))
+    assert not tracker.observe(folder, now=at(104.9))
+    assert tracker.observe(folder, now=at(105.0))
 
 
 def test_a_change_restarts_the_settle_time(tmp_path: Path) -> None:
     folder = make_batch(tmp_path)
     tracker = CompletenessTracker(settle_seconds=5)
-    tracker.observe(folder, now=100.0)
+    tracker.observe(folder, now=at(100.0))
     (folder / "images/0002.png").write_bytes(b"still copying")
-    assert not tracker.observe(folder, now=103.0)  # changed: the clock starts again at 103
-    assert not tracker.observe(folder, now=107.0)
-    assert tracker.observe(folder, now=108.0)
+    assert not tracker.observe(folder, now=at(103.0))  # changed: the clock starts again at 103
+    assert not tracker.observe(folder, now=at(107.0))
+    assert tracker.observe(folder, now=at(108.0))
 
 
 def test_never_complete_without_manifest(tmp_path: Path) -> None:
     folder = make_batch(tmp_path)
     (folder / "batch.toml").unlink()
     tracker = CompletenessTracker(settle_seconds=0)
-    assert not tracker.observe(folder, now=0.0)
-    assert not tracker.observe(folder, now=1000.0)
+    assert not tracker.observe(folder, now=at(0.0))
+    assert not tracker.observe(folder, now=at(1000.0))
     (folder / "batch.toml").write_text('[classes]\n1 = "bicycle"\n')
-    assert tracker.observe(folder, now=1000.0)  # settle 0: complete as soon as the manifest is there
+    assert tracker.observe(folder, now=at(1000.0))  # settle 0: complete as soon as the manifest is there
 
 
 def test_forget_makes_a_folder_settle_again(tmp_path: Path) -> None:
     folder = make_batch(tmp_path)
     tracker = CompletenessTracker(settle_seconds=5)
-    tracker.observe(folder, now=0.0)
-    assert tracker.observe(folder, now=10.0)
+    tracker.observe(folder, now=at(0.0))
+    assert tracker.observe(folder, now=at(10.0))
     tracker.forget(folder)
-    assert not tracker.observe(folder, now=11.0)
+    assert not tracker.observe(folder, now=at(11.0))
 
 
 def test_candidates_skip_hidden_folders_and_files(tmp_path: Path) -> None:
@@ -102,11 +107,12 @@ def test_the_daemons_scan_ingests_complete_folders_in_name_order(tmp_path: Path)
     half = make_batch(ws.inbox, "half", classes={1: "pear"})
     (half / "batch.toml").unlink()
     make_batch(ws.inbox / STAGING, "in-flight", classes={1: "plum"})
-    daemon = in_process_daemon(ws, FakeClock(0.0))
+    clock = FakeClock(NOW)
+    daemon = in_process_daemon(ws, clock)
     try:
-        daemon.scan_inbox(0.0)
+        daemon.scan_inbox(clock.now)
         assert inbox_names(ws) == ["apples", "half", "zebras"]  # nothing settled yet
-        daemon.scan_inbox(2.0)
+        daemon.scan_inbox(clock.advance(2.0))
         assert inbox_names(ws) == ["half"]
         with daemon.factory() as s:
             steps = s.execute(select(Step.index, Batch.name).join(Batch).order_by(Step.index)).all()

@@ -7,6 +7,7 @@ pauses or ENOSPC into chosen file operations of those processes (see tests/helpe
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 from batchmaker import make_batch
 
 from ciss_daemon.catalog.connection import upgrade_catalog
+from ciss_daemon.service import clock
 from ciss_daemon.settings import load_settings
 from ciss_daemon.workspace import Workspace, init_workspace
 
@@ -379,16 +381,19 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
 
 
 class FakeClock:
-    """A clock tests move by hand, so that settling and timers never need real sleeps."""
+    """A clock tests move by hand, so that settling and timers never need real sleeps.
 
-    def __init__(self, now: float | None = None) -> None:
-        self.now = time.time() if now is None else now
+    It reads what ``ciss_daemon.service.clock.now`` reads: an aware UTC datetime, by default the real now.
+    """
 
-    def __call__(self) -> float:
+    def __init__(self, now: dt.datetime | None = None) -> None:
+        self.now = clock.now() if now is None else now
+
+    def __call__(self) -> dt.datetime:
         return self.now
 
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
+    def advance(self, seconds: float) -> dt.datetime:
+        self.now += dt.timedelta(seconds=seconds)
         return self.now
 
 

@@ -7,6 +7,7 @@ starts: the training window "0 0 29 2 *" opens only at midnight on 29 February.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import struct
@@ -42,6 +43,7 @@ from ciss_daemon.workspace import Workspace
 
 NEVER = "0 0 29 2 *"  # a training window that opens only at 00:00 on 29 February
 SETTLE = 5.0
+AFTERNOON = dt.datetime(2026, 9, 21, 14, 13, 20, tzinfo=dt.UTC)
 
 
 @pytest.fixture
@@ -58,8 +60,8 @@ def ws(tmp_path: Path) -> Workspace:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    # Noon on an ordinary day: the window is shut (29 February 00:00 is the only minute it opens).
-    return FakeClock(1_790_000_000.0)
+    # An ordinary afternoon: the window is shut (29 February 00:00 is the only minute it opens).
+    return FakeClock(AFTERNOON)
 
 
 @pytest.fixture
@@ -122,9 +124,9 @@ def test_a_failed_steps_batch_can_be_submitted_again(daemon, ws: Workspace, cloc
 
 def test_the_training_window_never_opens_so_nothing_trains(daemon, clock: FakeClock) -> None:
     for hours in range(0, 24 * 400, 37):  # over a year, at many hours of the day
-        assert not daemon.window_open(clock.now + hours * 3600.0)
-    leap = 1_835_395_200.0  # 2028-02-29 00:00:00 UTC
-    assert daemon.window_open(leap) and not daemon.window_open(leap + 60)
+        assert not daemon.window_open(clock.now + dt.timedelta(hours=hours))
+    leap = dt.datetime(2028, 2, 29, tzinfo=dt.UTC)
+    assert daemon.window_open(leap) and not daemon.window_open(leap + dt.timedelta(minutes=1))
 
 
 def test_a_burst_of_200_folders_is_ingested_once_each_and_never_early(
@@ -563,7 +565,7 @@ def _valid(kind: str | None, table: dict[str, object], values: list[int], reserv
 def test_fuzzed_manifests_and_masks_through_ingest_never_break_the_daemon(tmp_path: Path) -> None:
     text = settings_text(daemon__settle_seconds=0.0, daemon__training_window=NEVER)
     ws = new_workspace(tmp_path / "ws", text)
-    clock = FakeClock(1_790_000_000.0)
+    clock = FakeClock(AFTERNOON)
     daemon = in_process_daemon(ws, clock)
     counter = {"n": 0, "accepted": 0, "rejected": 0}
 

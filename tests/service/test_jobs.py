@@ -116,7 +116,8 @@ def test_a_resumed_attempt_is_logged_with_its_iteration(
     from ciss_daemon.service.worker import ProgressWriter
 
     ws = new_workspace(tmp_path / "ws", settings_text())
-    daemon = in_process_daemon(ws, FakeClock())
+    clock = FakeClock()
+    daemon = in_process_daemon(ws, clock)
     try:
         with connection.transaction(daemon.factory) as s:
             job = running_job(s, ws)
@@ -139,8 +140,8 @@ def test_a_resumed_attempt_is_logged_with_its_iteration(
         sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
         daemon.process, daemon.process_job_id = TrainingProcess(job_dir, sleeper), job_id
         with caplog.at_level(logging.INFO, logger="ciss.daemon"):
-            daemon.record_progress(100.0)
-            daemon.record_progress(200.0)
+            daemon.record_progress(clock.now)
+            daemon.record_progress(clock.advance(100.0))
     finally:
         daemon.shutdown()
     assert [m for m in caplog.messages if "resumed" in m] == ["step 0 training resumed at iteration 5"]
