@@ -40,71 +40,11 @@ def duration(seconds: float | None) -> str:
 
 def render(data: dict[str, Any], ws: Workspace) -> Group:
     """The status screen: daemon, current model, running job, steps, queue, rejections, events."""
-    parts: list[Any] = []
-    daemon = data["daemon"]
-    head = Text()
-    head.append("daemon ")
-    head.append(
-        f"running (pid {daemon['pid']})" if daemon["alive"] else "not running",
-        style="green" if daemon["alive"] else "red",
-    )
-    head.append(f"   workspace {data['workspace']}")
-    parts.append(head)
-
-    current = data.get("current")
-    if current:
-        m = current["metrics"]
-        names = ", ".join(c["name"] for c in current["classes"])
-        body = Text()
-        body.append(current["version"], style="bold")
-        body.append(f" (step {current['step']}), {len(current['classes'])} classes: {names}\n")
-        body.append(summary_lines(m))
-        parts.append(Panel(body, title="current model", expand=False))
-    else:
-        parts.append(Text(f"no model promoted yet; drop a batch folder into {ws.inbox}"))
-
-    running = data.get("running")
-    if running:
-        p = running.get("progress") or {}
-        done, total = p.get("iteration"), p.get("total")
-        line = (
-            f"training step {running['step']} ({running['batch']}), attempt {running['attempts']}/"
-            f"{running['max_attempts']}: {p.get('phase', 'starting')}"
-        )
-        if done is not None and total:
-            loss = (p.get("losses") or {}).get("total")
-            line += (
-                f", {done}/{total} it, epoch {(p.get('epoch') or 0) + 1}/{p.get('epochs', '?')}, loss "
-                f"{'-' if loss is None else f'{loss:.4f}'}, ETA {duration(running.get('eta_seconds'))}"
-            )
-        if (p.get("ranks") or 1) > 1:
-            line += f", on {p['ranks']} processes"
-        cluster = p.get("cluster") or {}
-        if cluster.get("launcher") == "ray":
-            nodes = ", ".join(cluster.get("nodes") or []) or "?"
-            line += f", on the Ray cluster at {cluster.get('address')} (nodes {nodes})"
-        parts.append(Text(line, style="cyan"))
-
-    steps = data["steps"]
-    if steps:
-        table = Table(title=f"steps ({len(steps)})", title_justify="left")
-        for column in ("step", "batch", "classes", "state", "note"):
-            table.add_column(column)
-        shown = steps if len(steps) <= 20 else steps[-20:]
-        for st in shown:
-            style = STATE_STYLES.get(st["state"], "")
-            classes = ", ".join(st["classes"])
-            # Text, never a markup string: names and reasons are the users' and may hold "[...]".
-            table.add_row(
-                str(st["index"]),
-                Text(st["batch"]),
-                Text(classes if len(classes) < 40 else classes[:37] + "..."),
-                Text(st["state"], style=style),
-                Text(st.get("reason") or ""),
-            )
-        if len(steps) > 20:
-            table.caption = f"last 20 of {len(steps)} steps; `ciss status --json` lists all"
-        parts.append(table)
+    parts: list[Any] = [_daemon_line(data), _current_part(data.get("current"), ws)]
+    if data.get("running"):
+        parts.append(_running_line(data["running"]))
+    if data["steps"]:
+        parts.append(_steps_table(data["steps"]))
     if data["queue"]:
         queue = ", ".join(f"step {q['step']} ({q['batch']})" for q in data["queue"])
         waiting = f"; {data['waiting']}" if data.get("waiting") else ""
@@ -124,6 +64,72 @@ def render(data: dict[str, Any], ws: Workspace) -> Group:
             table.add_row(_when(e["at"]), Text(e["message"], style="red" if e["level"] == "error" else ""))
         parts.append(table)
     return Group(*parts)
+
+
+def _daemon_line(data: dict[str, Any]) -> Text:
+    daemon = data["daemon"]
+    head = Text()
+    head.append("daemon ")
+    head.append(
+        f"running (pid {daemon['pid']})" if daemon["alive"] else "not running",
+        style="green" if daemon["alive"] else "red",
+    )
+    head.append(f"   workspace {data['workspace']}")
+    return head
+
+
+def _current_part(current: dict[str, Any] | None, ws: Workspace) -> Panel | Text:
+    if not current:
+        return Text(f"no model promoted yet; drop a batch folder into {ws.inbox}")
+    names = ", ".join(c["name"] for c in current["classes"])
+    body = Text()
+    body.append(current["version"], style="bold")
+    body.append(f" (step {current['step']}), {len(current['classes'])} classes: {names}\n")
+    body.append(summary_lines(current["metrics"]))
+    return Panel(body, title="current model", expand=False)
+
+
+def _running_line(running: dict[str, Any]) -> Text:
+    """One line: the step, the attempt, the phase, and while training iterations, epoch, loss and ETA."""
+    p = running.get("progress") or {}
+    done, total = p.get("iteration"), p.get("total")
+    line = (
+        f"training step {running['step']} ({running['batch']}), attempt {running['attempts']}/"
+        f"{running['max_attempts']}: {p.get('phase', 'starting')}"
+    )
+    if done is not None and total:
+        loss = (p.get("losses") or {}).get("total")
+        line += (
+            f", {done}/{total} it, epoch {(p.get('epoch') or 0) + 1}/{p.get('epochs', '?')}, loss "
+            f"{'-' if loss is None else f'{loss:.4f}'}, ETA {duration(running.get('eta_seconds'))}"
+        )
+    if (p.get("ranks") or 1) > 1:
+        line += f", on {p['ranks']} processes"
+    cluster = p.get("cluster") or {}
+    if cluster.get("launcher") == "ray":
+        nodes = ", ".join(cluster.get("nodes") or []) or "?"
+        line += f", on the Ray cluster at {cluster.get('address')} (nodes {nodes})"
+    return Text(line, style="cyan")
+
+
+def _steps_table(steps: list[dict[str, Any]]) -> Table:
+    """The last 20 steps (``--json`` lists all)."""
+    table = Table(title=f"steps ({len(steps)})", title_justify="left")
+    for column in ("step", "batch", "classes", "state", "note"):
+        table.add_column(column)
+    for st in steps[-20:]:
+        classes = ", ".join(st["classes"])
+        # Text, never a markup string: names and reasons are the users' and may hold "[...]".
+        table.add_row(
+            str(st["index"]),
+            Text(st["batch"]),
+            Text(classes if len(classes) < 40 else classes[:37] + "..."),
+            Text(st["state"], style=STATE_STYLES.get(st["state"], "")),
+            Text(st.get("reason") or ""),
+        )
+    if len(steps) > 20:
+        table.caption = f"last 20 of {len(steps)} steps; `ciss status --json` lists all"
+    return table
 
 
 def _when(iso: str | None) -> str:
