@@ -36,7 +36,7 @@ from typing import Any
 
 from ranks import make_request
 
-from benchmarks.daemon import loadavg, machine_info
+from benchmarks.measure import loadavg, machine_info, write_results
 from ciss_daemon.service.launch import Launch, worker_command
 from ciss_daemon.service.protocol import CANDIDATE, REQUEST, JobRequest
 from ciss_daemon.service.ray_launch import RayPlan
@@ -145,16 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         kind: statistics.median(r["seconds_to_first_iteration"] for r in runs if r["kind"] == kind)
         for kind in KINDS
     }
-    result = {
-        "settings": vars(args) | {"out": str(args.out)},
-        "runs": runs,
-        "median_seconds_to_first_iteration": summary,
-        "loadavg_before": before,
-        "loadavg_after": after,
-        "machine": machine,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    write_results(args, runs, ("median_seconds_to_first_iteration", summary), (before, after), machine)
     for kind, seconds in summary.items():
         print(f"{kind}: {seconds:.1f} s to the first iteration (median of {args.repeats})")
     print(f"load average {before} -> {after}")
