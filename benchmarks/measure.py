@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +116,22 @@ def new_workspace(root: Path, settings_text: str | None = None) -> Workspace:
     return ws
 
 
-def write_results(
+def medians(runs: list[dict[str, Any]], value: str, by: str, groups: Sequence[Any]) -> dict[str, float]:
+    """The median of ``value`` over the runs of each group (the runs whose ``by`` is that group), by the
+    group's name."""
+    return {str(group): statistics.median(r[value] for r in runs if r[by] == group) for group in groups}
+
+
+def report_results(
     args: argparse.Namespace,
     runs: list[dict[str, Any]],
     medians: tuple[str, dict[str, float]],
     loads: tuple[list[float], list[float]],
     machine: dict[str, Any],
+    line: Callable[[str, float], str],
 ) -> None:
     """``results.json`` in ``args.out``: the settings, every run, the medians (under their name), the load
-    average before and after the runs, and the machine."""
+    average before and after the runs, and the machine. Then prints ``line`` of each median and the load."""
     name, values = medians
     result = {
         "settings": vars(args) | {"out": str(args.out)},
@@ -136,3 +143,6 @@ def write_results(
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    for group, value in values.items():
+        print(line(group, value))
+    print(f"load average {loads[0]} -> {loads[1]}")
