@@ -14,6 +14,8 @@ Results are printed and written to ``results.json`` and ``results.md`` in ``--ou
 machine are noisy, so every run records the load average next to its figures.
 """
 
+from __future__ import annotations
+
 import argparse
 import datetime as dt
 import json
