@@ -3,9 +3,9 @@
     python benchmarks/dashboard.py page-load --out bench-out/web     # 1,000 steps; or: make bench-web
     python benchmarks/dashboard.py screenshot --out docs/images/dashboard.png
 
-``page-load`` fills a catalog with ``--steps`` promoted steps (``benchmarks.daemon.build_catalog``: full
-metrics and loss history per step, as a long-lived daemon leaves them), starts ``ciss web`` on it as its own
-process, and times, after one warm-up each:
+``page-load`` fills a catalog with ``--steps`` promoted steps (``benchmarks.catalog_builder.build_catalog``:
+full metrics and loss history per step, as a long-lived daemon leaves them), starts ``ciss web`` on it as its
+own process, and times, after one warm-up each:
 
 - ``GET /``: a fresh connection, until the whole page has arrived (server side: catalog reads and HTML):
   the first one after start (which reads the metrics of every charted model version, kept from then on:
@@ -42,9 +42,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.daemon import build_catalog, cli, loadavg, machine_info, new_workspace, summary  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from benchmarks.catalog_builder import build_catalog  # noqa: E402
+from benchmarks.measure import cli, loadavg, machine_info, new_workspace, summary  # noqa: E402
 from ciss_daemon.catalog import connection  # noqa: E402 - after the path is set, for a plain `python benchmarks/...`
 from ciss_daemon.catalog import records as catalog  # noqa: E402
+from ciss_daemon.catalog.tables import Batch, Job, ModelVersion  # noqa: E402
 from ciss_daemon.workspace import Workspace  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -260,63 +264,92 @@ def _fill_history(ws: Workspace) -> None:
     with connection.transaction(factory) as s:
         for index, names in enumerate([*CLASSES, ("scooter", "tram")]):
             at = start + dt.timedelta(days=index)
-            batch = catalog.record_batch(
-                session=s,
-                name=f"{names[0]}s-2026-{index + 5:02d}",
-                kind="train",
-                sha256=f"{index:064x}",
-                store_path=ws.store / str(index),
-                class_names=dict(enumerate(names, start=1)),
-                n_train=400,
-                n_val=40,
-                now=at,
-            )
-            step = catalog.create_step(session=s, batch=batch, now=at)
-            job = catalog.create_job(session=s, step=step, max_attempts=3, jobs_dir=ws.jobs, now=at)
-            catalog.start_job(session=s, job=job, pid=os.getpid(), now=at)
+            batch, job = _started_step(s, ws, index, names, at)
             if index == len(CLASSES):
                 job_dir = Path(job.workdir)
                 break
-            catalog.finish_job(session=s, job=job, state="done", now=at)
-            catalog.set_step_state(session=s, step=step, state="evaluating", now=at)
-            new_ids = [c.id for c in batch.classes]
-            for cid in new_ids:
-                learned[cid] = rng.uniform(0.55, 0.8)
-            # each later step costs a class about 3.5 IoU points
-            fade = {cid: 0.035 * (index - _step_of(cid)) + rng.uniform(-0.02, 0.02) for cid in learned}
-            iou = {str(cid): round(max(0.05, base - fade[cid]), 3) for cid, base in learned.items()}
-            old = [v for k, v in iou.items() if int(k) not in new_ids]
-            new = [iou[str(cid)] for cid in new_ids]
-            m_old, m_new = sum(old) / len(old), sum(new) / len(new)
-            candidate = {
-                "iou": iou,
-                "miou_old": m_old,
-                "miou_new": m_new,
-                "miou_all": sum(iou.values()) / len(iou),
-                "hiou": 2 * m_old * m_new / (m_old + m_new),
-            }
-            epochs = 10
-            history = [
-                {
-                    "mbce": round(0.6 * 0.8**e + rng.uniform(0, 0.02), 4),
-                    "kd": 0.0 if index == 0 else round(0.15 * 0.85**e + rng.uniform(0, 0.01), 4),
-                    "dkd_pos": 0.0 if index == 0 else round(0.08 * 0.85**e, 4),
-                    "dkd_neg": 0.0 if index == 0 else round(0.05 * 0.85**e, 4),
-                    "ac": round(0.3 * 0.75**e, 4),
-                }
-                for e in range(epochs)
-            ]
-            for h in history:
-                h["total"] = round(sum(h.values()), 4)
-            version = catalog.record_model_version(
-                session=s,
-                step=step,
-                models_dir=ws.models,
-                files={},
-                metrics={"candidate": candidate, "current": None, "history": history},
-                now=at,
-            )
+            # The draws keep their order (new IoUs, fades, then losses): the same seed, the same picture.
+            candidate = _faded_metrics(rng, learned, index, [c.id for c in batch.classes])
+            history = _loss_history(rng, index)
+            metrics = {"candidate": candidate, "current": None, "history": history}
+            version = evaluated_version(s, ws, job, metrics, at=at)
             catalog.promote_version(session=s, version=version, reason="passed the gate", now=at)
+    _write_training_progress(job_dir)
+
+
+def _started_step(
+    s: Session, ws: Workspace, index: int, names: tuple[str, str], at: dt.datetime
+) -> tuple[Batch, Job]:
+    """Step ``index`` teaching ``names``, its job started by this process."""
+    batch = catalog.record_batch(
+        session=s,
+        name=f"{names[0]}s-2026-{index + 5:02d}",
+        kind="train",
+        sha256=f"{index:064x}",
+        store_path=ws.store / str(index),
+        class_names=dict(enumerate(names, start=1)),
+        n_train=400,
+        n_val=40,
+        now=at,
+    )
+    step = catalog.create_step(session=s, batch=batch, now=at)
+    job = catalog.create_job(session=s, step=step, max_attempts=3, jobs_dir=ws.jobs, now=at)
+    catalog.start_job(session=s, job=job, pid=os.getpid(), now=at)
+    return batch, job
+
+
+def evaluated_version(
+    s: Session, ws: Workspace, job: Job, metrics: dict[str, Any], *, at: dt.datetime
+) -> ModelVersion:
+    """What a training job that went well leaves: the job done, its step evaluating, and the candidate's
+    model version (no files) with ``metrics`` (candidate, current and loss history)."""
+    catalog.finish_job(session=s, job=job, state="done", now=at)
+    catalog.set_step_state(session=s, step=job.step, state="evaluating", now=at)
+    return catalog.record_model_version(
+        session=s, step=job.step, models_dir=ws.models, files={}, metrics=metrics, now=at
+    )
+
+
+def _faded_metrics(
+    rng: random.Random, learned: dict[int, float], index: int, new_ids: list[int]
+) -> dict[str, Any]:
+    """The candidate's metrics at step ``index``: ``new_ids`` learned now (added to ``learned``), every class
+    about 3.5 IoU points lower for each step since it was learned."""
+    for cid in new_ids:
+        learned[cid] = rng.uniform(0.55, 0.8)
+    fade = {cid: 0.035 * (index - _step_of(cid)) + rng.uniform(-0.02, 0.02) for cid in learned}
+    iou = {str(cid): round(max(0.05, base - fade[cid]), 3) for cid, base in learned.items()}
+    old = [v for k, v in iou.items() if int(k) not in new_ids]
+    new = [iou[str(cid)] for cid in new_ids]
+    m_old, m_new = sum(old) / len(old), sum(new) / len(new)
+    return {
+        "iou": iou,
+        "miou_old": m_old,
+        "miou_new": m_new,
+        "miou_all": sum(iou.values()) / len(iou),
+        "hiou": 2 * m_old * m_new / (m_old + m_new),
+    }
+
+
+def _loss_history(rng: random.Random, index: int, epochs: int = 10) -> list[dict[str, float]]:
+    """Losses falling over ``epochs``; no distillation terms at step 0 (no teacher)."""
+    history = [
+        {
+            "mbce": round(0.6 * 0.8**e + rng.uniform(0, 0.02), 4),
+            "kd": 0.0 if index == 0 else round(0.15 * 0.85**e + rng.uniform(0, 0.01), 4),
+            "dkd_pos": 0.0 if index == 0 else round(0.08 * 0.85**e, 4),
+            "dkd_neg": 0.0 if index == 0 else round(0.05 * 0.85**e, 4),
+            "ac": round(0.3 * 0.75**e, 4),
+        }
+        for e in range(epochs)
+    ]
+    for h in history:
+        h["total"] = round(sum(h.values()), 4)
+    return history
+
+
+def _write_training_progress(job_dir: Path) -> None:
+    """The progress report of the step in training, as its worker writes it."""
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / "progress.json").write_text(
         json.dumps(

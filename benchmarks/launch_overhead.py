@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import Any
 
 from ranks import make_request
 
-from benchmarks.daemon import loadavg, machine_info
+from benchmarks.measure import loadavg, machine_info, medians, report_results
 from ciss_daemon.service.launch import Launch, worker_command
 from ciss_daemon.service.protocol import CANDIDATE, REQUEST, JobRequest
 from ciss_daemon.service.ray_launch import RayPlan
@@ -141,23 +140,15 @@ def main(argv: list[str] | None = None) -> None:
         machine = machine_info(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    summary = {
-        kind: statistics.median(r["seconds_to_first_iteration"] for r in runs if r["kind"] == kind)
-        for kind in KINDS
-    }
-    result = {
-        "settings": vars(args) | {"out": str(args.out)},
-        "runs": runs,
-        "median_seconds_to_first_iteration": summary,
-        "loadavg_before": before,
-        "loadavg_after": after,
-        "machine": machine,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    for kind, seconds in summary.items():
-        print(f"{kind}: {seconds:.1f} s to the first iteration (median of {args.repeats})")
-    print(f"load average {before} -> {after}")
+    summary = medians(runs, "seconds_to_first_iteration", "kind", KINDS)
+    report_results(
+        args,
+        runs,
+        ("median_seconds_to_first_iteration", summary),
+        (before, after),
+        machine,
+        lambda kind, seconds: f"{kind}: {seconds:.1f} s to the first iteration (median of {args.repeats})",
+    )
 
 
 if __name__ == "__main__":

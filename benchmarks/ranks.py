@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -28,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.daemon import loadavg, machine_info
+from benchmarks.measure import loadavg, machine_info, medians, report_results
 from ciss_daemon.service.launch import Launch, worker_command
 from ciss_daemon.service.protocol import CANDIDATE, REQUEST, BatchSpec, JobRequest
 from engine.config import EngineConfig
@@ -123,23 +122,15 @@ def main(argv: list[str] | None = None) -> None:
         machine = machine_info(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    summary = {
-        str(ranks): statistics.median(r["images_per_second"] for r in runs if r["ranks"] == ranks)
-        for ranks in (1, args.ranks)
-    }
-    result = {
-        "settings": vars(args) | {"out": str(args.out)},
-        "runs": runs,
-        "median_images_per_second": summary,
-        "loadavg_before": before,
-        "loadavg_after": after,
-        "machine": machine,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    for ranks, rate in summary.items():
-        print(f"{ranks} process(es): {rate:.2f} images/s (median of {args.repeats})")
-    print(f"load average {before} -> {after}")
+    summary = medians(runs, "images_per_second", "ranks", (1, args.ranks))
+    report_results(
+        args,
+        runs,
+        ("median_images_per_second", summary),
+        (before, after),
+        machine,
+        lambda ranks, rate: f"{ranks} process(es): {rate:.2f} images/s (median of {args.repeats})",
+    )
 
 
 if __name__ == "__main__":

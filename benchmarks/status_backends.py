@@ -2,7 +2,7 @@
 
     python benchmarks/status_backends.py --out bench-out/status-backends [--steps 1000] [--runs 10]
 
-Builds the same catalog twice with the daemon benchmark's ``build_catalog`` (1,000 promoted steps with full
+Builds the same catalog twice with the benchmarks' ``build_catalog`` (1,000 promoted steps with full
 metrics, events and rejections): once in a workspace's SQLite file, once in a PostgreSQL database of a
 throwaway server on 127.0.0.1 (``tests/helpers/postgres.py``: ``CISS_TEST_POSTGRES_URL`` names an existing one
 instead). Then times ``ciss status`` and ``ciss status --json`` as fresh processes, alternating the two
@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO / "tests" / "helpers"))  # the throwaway PostgreSQL 
 
 from postgres import postgres_server  # noqa: E402
 
-from benchmarks import daemon as bench  # noqa: E402
+from benchmarks import measure as bench  # noqa: E402
+from benchmarks.catalog_builder import build_catalog  # noqa: E402
 from ciss_daemon.catalog import connection, plain  # noqa: E402
 from ciss_daemon.catalog.snapshot import status_snapshot  # noqa: E402
 from ciss_daemon.workspace import init_workspace  # noqa: E402
@@ -52,8 +53,8 @@ def run(workdir: Path, *, steps: int, runs: int) -> dict[str, Any]:
         pg_ws = init_workspace(workdir / "pg-ws", settings_text=f"[catalog]\nurl = {json.dumps(url)}\n")
         connection.upgrade_catalog(url, backup_dir=None)
         built = {
-            "sqlite": bench.build_catalog(sqlite_ws, steps=steps),
-            "postgresql": bench.build_catalog(pg_ws, steps=steps, url=url),
+            "sqlite": build_catalog(sqlite_ws, steps=steps),
+            "postgresql": build_catalog(pg_ws, steps=steps, url=url),
         }
         workspaces = {"sqlite": sqlite_ws, "postgresql": pg_ws}
         commands = {

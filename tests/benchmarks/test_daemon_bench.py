@@ -1,4 +1,4 @@
-"""The daemon benchmark's catalog builder: a small catalog that readers and the catalog functions accept.
+"""The benchmarks' catalog builder: a small catalog that readers and the catalog functions accept.
 
 No timings are asserted here: timed tests flake on shared machines; `make bench-daemon` measures.
 """
@@ -9,7 +9,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from benchmarks.daemon import make_status_workspace, render_markdown, summary
+from benchmarks.catalog_builder import make_status_workspace
+from benchmarks.daemon.report import render_markdown
+from benchmarks.measure import summary
 from ciss_daemon.catalog import connection
 from ciss_daemon.catalog import records as catalog
 from ciss_daemon.catalog.connection import session_reader

@@ -20,9 +20,12 @@ import safetensors.torch
 from daemon_helpers import (
     DaemonProcess,
     catalog_rows,
+    ciss,
+    job_progress,
     new_workspace,
     record_figure,
     settings_text,
+    status,
     step_states,
     tiny_batch,
     wait_for,
@@ -51,18 +54,6 @@ def _two_ranks(**overrides: object) -> str:
     return settings_text(**{**values, **overrides})
 
 
-def _progress(ws: Workspace, job: int) -> dict:
-    try:
-        return json.loads((ws.jobs / str(job) / "progress.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _status(ws: Workspace, *args: str) -> str:
-    command = [sys.executable, "-m", "ciss_daemon.cli", "status", *args, "--workspace", str(ws.root)]
-    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout
-
-
 def _ranks(ws: Workspace) -> dict[int, int]:
     """RANK -> pid of the workspace's training ranks (the launcher has no RANK)."""
     found = {}
@@ -85,16 +76,16 @@ def test_sigterm_mid_step_stops_every_rank_at_one_checkpoint_and_the_resume_fini
     daemon = DaemonProcess(ws)
     try:
         submit_folder(tiny_batch(tmp_path / "data", 0, n_train=16, n_val=2), ws.inbox)
-        wait_for(lambda: _progress(ws, 1).get("iteration", 0) >= 2, "training on 2 ranks", timeout=300)
-        progress = _progress(ws, 1)
+        wait_for(lambda: job_progress(ws, 1).get("iteration", 0) >= 2, "training on 2 ranks", timeout=300)
+        progress = job_progress(ws, 1)
         assert len(_ranks(ws)) == 2
         # One report for the whole job: the total batch's iterations, and the images of both ranks.
         assert progress["ranks"] == 2 and progress["total"] == 40
-        running = json.loads(_status(ws, "--json"))["running"]
+        running = status(ws)["running"]
         assert running["progress"]["ranks"] == 2
         # On a loaded machine the 40 iterations may be over by now: the ETA exists while training runs.
         assert running["eta_seconds"] is not None or running["progress"].get("phase") != "training"
-        assert "on 2 processes" in " ".join(_status(ws).split())  # however rich wraps the line
+        assert "on 2 processes" in " ".join(ciss(ws, "status").stdout.split())  # however rich wraps the line
         assert daemon.stop(signal.SIGTERM) == 0
     finally:
         daemon.stop(signal.SIGKILL)
@@ -167,7 +158,7 @@ def test_a_rank_that_dies_ends_the_attempt_and_the_retry_resumes(tmp_path: Path)
     daemon = DaemonProcess(ws)
     try:
         submit_folder(tiny_batch(tmp_path / "data", 0, n_train=16, n_val=2), ws.inbox)
-        wait_for(lambda: _progress(ws, 1).get("iteration", 0) >= 3, "training on 2 ranks", timeout=300)
+        wait_for(lambda: job_progress(ws, 1).get("iteration", 0) >= 3, "training on 2 ranks", timeout=300)
         os.kill(_ranks(ws)[1], signal.SIGKILL)  # rank 1 dies; rank 0 waits for it in a collective
         killed = time.monotonic()
         wait_for(
@@ -197,7 +188,7 @@ def test_a_rank_that_hangs_ends_the_attempt_within_the_rank_timeout(tmp_path: Pa
     daemon = DaemonProcess(ws)
     try:
         submit_folder(tiny_batch(tmp_path / "data", 0, n_train=16, n_val=2), ws.inbox)
-        wait_for(lambda: _progress(ws, 1).get("iteration", 0) >= 2, "training on 2 ranks", timeout=300)
+        wait_for(lambda: job_progress(ws, 1).get("iteration", 0) >= 2, "training on 2 ranks", timeout=300)
         hung = _ranks(ws)[1]
         os.kill(hung, signal.SIGSTOP)  # alive but silent: rank 0 waits for it in the next collective
         stopped = time.monotonic()

@@ -6,6 +6,7 @@ import copy
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,21 @@ from train_helpers import RandomSegmentation, base_and_student, tiny_config
 from engine.model import build_model
 from engine.step_setup import build_optimizer, set_step_mode, warmup_poly
 from engine.train import Progress, train_step
+
+
+def _train_on_cpu(
+    model: nn.Module, teacher: nn.Module | None, config: Any, step_index: int, dataset: Any, **options: Any
+) -> Any:
+    """``train_step`` of ``model`` on the CPU; ``options`` are train_step's other keywords."""
+    return train_step(
+        model=model,
+        teacher=teacher,
+        dataset=dataset,
+        config=config,
+        step_index=step_index,
+        device=torch.device("cpu"),
+        **options,
+    )
 
 
 def test_optimizer_groups_follow_method() -> None:
@@ -51,14 +67,7 @@ def test_incremental_step_freezes_bn_stats_and_teacher() -> None:
     teacher_before = copy.deepcopy(teacher.state_dict())
     stats_before = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
     conv_before = student.backbone.conv1.weight.detach().clone()  # type: ignore[union-attr]
-    train_step(
-        model=student,
-        teacher=teacher,
-        dataset=RandomSegmentation(8, [3]),
-        config=config,
-        step_index=1,
-        device=torch.device("cpu"),
-    )
+    _train_on_cpu(student, teacher, config, 1, RandomSegmentation(8, [3]))
     after = student.state_dict()
     assert all(torch.equal(stats_before[k], after[k]) for k in stats_before)
     assert not torch.equal(conv_before, student.backbone.conv1.weight)  # type: ignore[union-attr]
@@ -73,15 +82,7 @@ def test_base_step_updates_bn_stats_and_reports_progress() -> None:
     model = build_model(config.model, [2])
     before = model.head[2].running_mean.clone()  # type: ignore[index]
     seen: list[Progress] = []
-    result = train_step(
-        model=model,
-        teacher=None,
-        dataset=RandomSegmentation(8, [1, 2]),
-        config=config,
-        step_index=0,
-        device=torch.device("cpu"),
-        progress=seen.append,
-    )
+    result = _train_on_cpu(model, None, config, 0, RandomSegmentation(8, [1, 2]), progress=seen.append)
     assert result.finished and result.iterations == 2
     assert [p.iteration for p in seen] == [1, 2] and seen[-1].total_iterations == 2
     assert set(seen[-1].losses) == {"mbce", "ac", "total"}
@@ -96,15 +97,7 @@ def test_distillation_terms_are_recorded_as_kl_divergences() -> None:
     config = tiny_config(epochs_incremental=1)
     teacher, student = base_and_student(config)
     seen: list[Progress] = []
-    train_step(
-        model=student,
-        teacher=teacher,
-        dataset=RandomSegmentation(8, [3]),
-        config=config,
-        step_index=1,
-        device=torch.device("cpu"),
-        progress=seen.append,
-    )
+    _train_on_cpu(student, teacher, config, 1, RandomSegmentation(8, [3]), progress=seen.append)
     first = seen[0].losses
     assert [first[k] for k in ("kd", "dkd_pos", "dkd_neg")] == pytest.approx([0.0, 0.0, 0.0], abs=1e-5)
     w = config.loss
@@ -133,15 +126,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, step_index
             return stop_after is not None and calls["n"] > stop_after
 
         torch.manual_seed(123)
-        result = train_step(
-            model=model,
-            teacher=teacher,
-            dataset=dataset,
-            config=config,
-            step_index=step_index,
-            device=torch.device("cpu"),
-            checkpoint_path=checkpoint,
-            should_stop=should_stop,
+        result = _train_on_cpu(
+            model, teacher, config, step_index, dataset, checkpoint_path=checkpoint, should_stop=should_stop
         )
         return model, result
 
@@ -214,14 +200,7 @@ def test_incremental_step_leaves_batchnorm_affine_out_of_the_optimiser() -> None
     affine_before = {
         k: v.clone() for k, v in student.state_dict().items() if k.endswith(("bn1.weight", "bn1.bias"))
     }
-    train_step(
-        model=student,
-        teacher=teacher,
-        dataset=RandomSegmentation(8, [3]),
-        config=config,
-        step_index=1,
-        device=torch.device("cpu"),
-    )
+    _train_on_cpu(student, teacher, config, 1, RandomSegmentation(8, [3]))
     after = student.state_dict()
     assert affine_before and all(torch.equal(v, after[k]) for k, v in affine_before.items())
     assert all(
@@ -246,15 +225,7 @@ def test_training_follows_the_warmup_schedule() -> None:
     config = tiny_config(epochs_base=2, warmup_fraction=0.5, lr_base=0.1)
     model = build_model(config.model, [2])
     lrs: list[float] = []
-    train_step(
-        model=model,
-        teacher=None,
-        dataset=RandomSegmentation(8, [1, 2]),
-        config=config,
-        step_index=0,
-        device=torch.device("cpu"),
-        progress=lambda p: lrs.append(p.lr),
-    )
+    _train_on_cpu(model, None, config, 0, RandomSegmentation(8, [1, 2]), progress=lambda p: lrs.append(p.lr))
     # 4 iterations, 2 of warm-up: the learning rate reported after each is that of the next iteration.
     expected = [0.1 * warmup_poly(4, 0.9, 0.5, 0.001)(i) for i in range(1, 5)]
     assert lrs == pytest.approx(expected)

@@ -150,6 +150,14 @@ def states(ws: Workspace) -> list[str]:
     return [s["state"] for s in status(ws)["steps"]]
 
 
+def job_progress(ws: Workspace, job: int) -> dict:
+    """The last progress report of job ``job`` (its folder's progress.json); {} before the first one."""
+    try:
+        return json.loads((ws.jobs / str(job) / "progress.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def catalog_rows(ws: Workspace, query: str, params: tuple = ()) -> list[tuple]:
     """Rows of a plain SQL query on the catalog (cheaper than `ciss status` in a polling loop); ``?``
     marks the parameters on either backend."""
@@ -283,16 +291,13 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
     catalog's current version. Right after a crash the pointer may be one promotion ahead of the catalog
     (the swap happens before the commit); it must still name a whole model.
     """
-    from engine.checkpoint import file_sha256, load_model_files
-    from engine.exceptions import CheckpointError
-
-    problems: list[str] = []
     url = workspace_catalog_url(ws)
     # PostgreSQL enforces foreign keys on every write and has no integrity_check: its checks are SQLite's.
     postgres = url.startswith("postgresql")
     db: Any = _postgres(url).connect() if postgres else sqlite3.connect(ws.catalog_path, timeout=10)
     try:
         q = db.exec_driver_sql if postgres else db.execute
+        problems: list[str] = []
         if not postgres and (check := q("PRAGMA integrity_check").fetchall()) != [("ok",)]:
             problems.append(f"integrity_check: {check}")
         if not postgres and (fk := q("PRAGMA foreign_key_check").fetchall()):
@@ -306,54 +311,77 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
         for version, v_state, s_state in current:
             if (v_state, s_state) != ("promoted", "promoted"):
                 problems.append(f"current {version} is {v_state}, its step {s_state}")
-        live = (
-            "(SELECT b.* FROM batches b LEFT JOIN steps s ON s.batch_id = b.id "
-            "WHERE s.state IS NULL OR s.state NOT IN ('failed', 'discarded', 'rolled_back')) AS live"
-        )
-        for what, query in (
-            ("step index", 'SELECT "index", count(*) FROM steps GROUP BY "index" HAVING count(*) > 1'),
-            (
-                "batch in two steps",
-                "SELECT batch_id, count(*) FROM steps GROUP BY batch_id HAVING count(*) > 1",
-            ),
-            # Among live batches only: the batch of a failed, discarded or rolled-back step may come back.
-            ("batch hash", f"SELECT sha256, count(*) FROM {live} GROUP BY sha256 HAVING count(*) > 1"),
-            ("batch name", f"SELECT name, count(*) FROM {live} GROUP BY name HAVING count(*) > 1"),
-            (
-                "promoted model per step",
-                "SELECT step_id, count(*) FROM model_versions WHERE state IN ('promoted', 'retired') "
-                "GROUP BY step_id HAVING count(*) > 1",
-            ),
-            (
-                "active job per step",
-                "SELECT step_id, count(*) FROM jobs WHERE state IN ('queued', 'running') "
-                "GROUP BY step_id HAVING count(*) > 1",
-            ),
-        ):
-            if twice := q(query).fetchall():
-                problems.append(f"recorded twice ({what}): {twice}")
-        if (running := q("SELECT count(*) FROM jobs WHERE state = 'running'").fetchone()[0]) > 1:
-            problems.append(f"{running} jobs running at once")
-        for job, j_state, s_index, s_state in q(
-            'SELECT j.id, j.state, s."index", s.state FROM jobs j JOIN steps s ON j.step_id = s.id'
-        ):
-            if s_state not in JOB_STEP_STATES[j_state]:
-                problems.append(f"job {job} is {j_state} but its step {s_index} is {s_state}")
-        for s_index, s_state in q(
-            "SELECT s.\"index\", s.state FROM steps s WHERE s.state IN ('queued', 'training', 'evaluating') "
-            "AND NOT EXISTS (SELECT 1 FROM jobs j "
-            "WHERE j.step_id = s.id AND j.state IN ('queued', 'running'))"
-        ):
-            problems.append(f"step {s_index} is {s_state} without a queued or running job")
-        for name, taught, s_state in q(
-            "SELECT c.name, c.taught, s.state FROM classes c LEFT JOIN steps s ON c.step_id = s.id"
-        ):
-            if bool(taught) != (s_state == "promoted"):
-                problems.append(f"class {name} taught={bool(taught)} but its step is {s_state}")
+        problems += _recorded_twice(q) + _state_problems(q)
         versions = q("SELECT version, state, path, files FROM model_versions").fetchall()
         current_version = current[0][0] if current else None
     finally:
         db.close()
+    return problems + _model_file_problems(versions) + _pointer_problems(ws, current_version, at_rest=at_rest)
+
+
+def _recorded_twice(q: Callable[[str], Any]) -> list[str]:
+    """Rows the catalog must hold once: a step index, a batch's step, a live batch's hash and name, a
+    promoted model per step, an active job per step."""
+    problems = []
+    live = (
+        "(SELECT b.* FROM batches b LEFT JOIN steps s ON s.batch_id = b.id "
+        "WHERE s.state IS NULL OR s.state NOT IN ('failed', 'discarded', 'rolled_back')) AS live"
+    )
+    for what, query in (
+        ("step index", 'SELECT "index", count(*) FROM steps GROUP BY "index" HAVING count(*) > 1'),
+        (
+            "batch in two steps",
+            "SELECT batch_id, count(*) FROM steps GROUP BY batch_id HAVING count(*) > 1",
+        ),
+        # Among live batches only: the batch of a failed, discarded or rolled-back step may come back.
+        ("batch hash", f"SELECT sha256, count(*) FROM {live} GROUP BY sha256 HAVING count(*) > 1"),
+        ("batch name", f"SELECT name, count(*) FROM {live} GROUP BY name HAVING count(*) > 1"),
+        (
+            "promoted model per step",
+            "SELECT step_id, count(*) FROM model_versions WHERE state IN ('promoted', 'retired') "
+            "GROUP BY step_id HAVING count(*) > 1",
+        ),
+        (
+            "active job per step",
+            "SELECT step_id, count(*) FROM jobs WHERE state IN ('queued', 'running') "
+            "GROUP BY step_id HAVING count(*) > 1",
+        ),
+    ):
+        if twice := q(query).fetchall():
+            problems.append(f"recorded twice ({what}): {twice}")
+    return problems
+
+
+def _state_problems(q: Callable[[str], Any]) -> list[str]:
+    """Jobs, steps and classes whose states disagree: more than one job running, a job and its step, an
+    unfinished step without a job, a class taught by a step that is not promoted (or the reverse)."""
+    problems = []
+    if (running := q("SELECT count(*) FROM jobs WHERE state = 'running'").fetchone()[0]) > 1:
+        problems.append(f"{running} jobs running at once")
+    for job, j_state, s_index, s_state in q(
+        'SELECT j.id, j.state, s."index", s.state FROM jobs j JOIN steps s ON j.step_id = s.id'
+    ):
+        if s_state not in JOB_STEP_STATES[j_state]:
+            problems.append(f"job {job} is {j_state} but its step {s_index} is {s_state}")
+    for s_index, s_state in q(
+        "SELECT s.\"index\", s.state FROM steps s WHERE s.state IN ('queued', 'training', 'evaluating') "
+        "AND NOT EXISTS (SELECT 1 FROM jobs j "
+        "WHERE j.step_id = s.id AND j.state IN ('queued', 'running'))"
+    ):
+        problems.append(f"step {s_index} is {s_state} without a queued or running job")
+    for name, taught, s_state in q(
+        "SELECT c.name, c.taught, s.state FROM classes c LEFT JOIN steps s ON c.step_id = s.id"
+    ):
+        if bool(taught) != (s_state == "promoted"):
+            problems.append(f"class {name} taught={bool(taught)} but its step is {s_state}")
+    return problems
+
+
+def _model_file_problems(versions: list[Any]) -> list[str]:
+    """Recorded model files that are missing or differ from their sha256 (discarded versions aside)."""
+    from engine.checkpoint import file_sha256
+
+    problems = []
     for version, v_state, path, files in versions:
         if v_state == "discarded":
             continue
@@ -363,6 +391,15 @@ def integrity_problems(ws: Workspace, *, at_rest: bool) -> list[str]:
                 problems.append(f"{version} ({v_state}): {name} is missing")
             elif file_sha256(file) != digest:
                 problems.append(f"{version} ({v_state}): {name} does not match its recorded sha256")
+    return problems
+
+
+def _pointer_problems(ws: Workspace, current_version: str | None, *, at_rest: bool) -> list[str]:
+    """``models/current``: a symbolic link to a whole model, the catalog's current one when ``at_rest``."""
+    from engine.checkpoint import load_model_files
+    from engine.exceptions import CheckpointError
+
+    problems = []
     pointer = ws.current
     target = os.readlink(pointer) if os.path.islink(pointer) else None
     if os.path.lexists(pointer) and target is None:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from daemon_helpers import new_workspace, settings_text
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from benchmarks.dashboard import evaluated_version  # the dashboard benchmark writes its history alike
 from ciss_daemon.catalog import connection
 from ciss_daemon.catalog import records as catalog
-from ciss_daemon.catalog.tables import Step
+from ciss_daemon.catalog.tables import Batch, Step
 from ciss_daemon.service.promotion import swap_current
 from ciss_daemon.workspace import Workspace
 
@@ -46,51 +48,9 @@ def seed(ws: Workspace, *, running: bool = False) -> None:
     ``running``, step 1 is discarded and step 2 trains, its progress in the job folder's progress.json."""
     url = f"sqlite:///{ws.catalog_path}"
     factory = connection.session_factory(connection.make_engine(url))
-    history = [{"mbce": 0.9, "ac": 0.3, "total": 1.2}, {"mbce": 0.5, "ac": 0.2, "total": 0.7}]
     with connection.transaction(factory) as s:
         for index, (name, classes) in enumerate([("b000", {1: "cat"}), (EVIL_BATCH, {1: EVIL_CLASS})]):
-            at = T0 + dt.timedelta(hours=index)
-            batch = catalog.record_batch(
-                session=s,
-                name=name,
-                kind="train",
-                sha256=f"{index:064d}",
-                store_path=ws.store / f"b{index}",
-                class_names=classes,
-                n_train=8,
-                n_val=2,
-                now=at,
-            )
-            step = catalog.create_step(session=s, batch=batch, now=at)
-            job = catalog.create_job(session=s, step=step, max_attempts=3, jobs_dir=ws.jobs, now=at)
-            catalog.start_job(session=s, job=job, pid=1, now=at)
-            catalog.finish_job(session=s, job=job, state="done", now=at)
-            catalog.set_step_state(session=s, step=step, state="evaluating", now=at)
-            if index == 0:
-                candidate, current = metrics(0.85, None, {"0": 0.9, "1": 0.8}), None
-            else:
-                candidate = metrics(0.84, 0.05, {"0": 0.9, "1": 0.78, "2": 0.05})
-                current = metrics(0.85, None, {"0": 0.9, "1": 0.8})
-            version = catalog.record_model_version(
-                session=s,
-                step=step,
-                models_dir=ws.models,
-                files={},
-                metrics={"candidate": candidate, "current": current, "history": history},
-                now=at,
-            )
-            (ws.models / version.version).mkdir()
-            if index == 0:
-                swap_current(ws.models, version.version)
-                catalog.promote_version(session=s, version=version, reason="base mIoU 0.850", now=at)
-                catalog.log_event(
-                    session=s, kind="promoted", message="step 0: v0001 promoted", step=step, now=at
-                )
-            else:
-                catalog.set_step_state(session=s, step=step, state="held", reason=HELD_REASON, now=at)
-                catalog.log_event(
-                    session=s, kind="held", level="warning", message=f"step 1 held: {HELD_REASON}", now=at
-                )
+            _seed_step(s, ws, index, name, classes)
         catalog.record_rejection(
             session=s,
             batch_name=EVIL_REJECTED,
@@ -101,23 +61,65 @@ def seed(ws: Workspace, *, running: bool = False) -> None:
         if running:
             held = s.scalar(select(Step).where(Step.index == 1))
             catalog.discard_step(session=s, step=held, reason="discarded by the operator", now=T0)
-            batch = catalog.record_batch(
-                session=s,
-                name="b002",
-                kind="train",
-                sha256="2" * 64,
-                store_path=ws.store / "b2",
-                class_names={1: "bird"},
-                n_train=8,
-                n_val=2,
-                now=T0,
-            )
-            step = catalog.create_step(session=s, batch=batch, now=T0)
+            step = catalog.create_step(session=s, batch=record_bird_batch(s, ws, now=T0), now=T0)
             job = catalog.create_job(session=s, step=step, max_attempts=3, jobs_dir=ws.jobs, now=T0)
             catalog.start_job(session=s, job=job, pid=1, now=T0)
             catalog.update_job_progress(session=s, job=job, progress={"phase": "training", "iteration": 1})
     if running:
         write_progress(ws, job.id, iteration=7)
+
+
+def _seed_step(s: Session, ws: Workspace, index: int, name: str, classes: dict[int, str]) -> None:
+    """Step 0 trained and promoted as v0001, or step 1 trained and held as v0002 (``index``)."""
+    at = T0 + dt.timedelta(hours=index)
+    batch = catalog.record_batch(
+        session=s,
+        name=name,
+        kind="train",
+        sha256=f"{index:064d}",
+        store_path=ws.store / f"b{index}",
+        class_names=classes,
+        n_train=8,
+        n_val=2,
+        now=at,
+    )
+    step = catalog.create_step(session=s, batch=batch, now=at)
+    job = catalog.create_job(session=s, step=step, max_attempts=3, jobs_dir=ws.jobs, now=at)
+    catalog.start_job(session=s, job=job, pid=1, now=at)
+    if index == 0:
+        candidate, current = metrics(0.85, None, {"0": 0.9, "1": 0.8}), None
+    else:
+        candidate = metrics(0.84, 0.05, {"0": 0.9, "1": 0.78, "2": 0.05})
+        current = metrics(0.85, None, {"0": 0.9, "1": 0.8})
+    history = [{"mbce": 0.9, "ac": 0.3, "total": 1.2}, {"mbce": 0.5, "ac": 0.2, "total": 0.7}]
+    version = evaluated_version(
+        s, ws, job, {"candidate": candidate, "current": current, "history": history}, at=at
+    )
+    (ws.models / version.version).mkdir()
+    if index == 0:
+        swap_current(ws.models, version.version)
+        catalog.promote_version(session=s, version=version, reason="base mIoU 0.850", now=at)
+        catalog.log_event(session=s, kind="promoted", message="step 0: v0001 promoted", step=step, now=at)
+    else:
+        catalog.set_step_state(session=s, step=step, state="held", reason=HELD_REASON, now=at)
+        catalog.log_event(
+            session=s, kind="held", level="warning", message=f"step 1 held: {HELD_REASON}", now=at
+        )
+
+
+def record_bird_batch(s: Session, ws: Workspace, *, now: dt.datetime | None = None) -> Batch:
+    """Batch ``b002`` teaching ``bird``: the one after the seeded steps."""
+    return catalog.record_batch(
+        session=s,
+        name="b002",
+        kind="train",
+        sha256="2" * 64,
+        store_path=ws.store / "b2",
+        class_names={1: "bird"},
+        n_train=8,
+        n_val=2,
+        now=now,
+    )
 
 
 def write_progress(ws: Workspace, job_id: int, *, iteration: int) -> None:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -173,60 +174,94 @@ def test_kill_9_at_random_moments_leaves_a_sound_workspace_that_finishes_the_wor
     for number in range(rounds):
         kind = KINDS[number % len(KINDS)]
         round_started = time.monotonic()
-        marker = tmp_path / f"marker-{number}"
         if kind != "ingest" and not _busy_steps(ws) and not inbox_names(ws):
             submit_next()
-        daemon = DaemonProcess(ws, faults=_faults(kind, rng, marker))
-        try:
-            if kind == "ingest":
-                submit_next()
-            if kind.startswith("training"):
-                wait_for(
-                    lambda: (job := _running_job(ws)) is not None and _progress(ws, job)[0] >= 1,
-                    "training",
-                    timeout=180,
-                )
-                job = _running_job(ws)
-                time.sleep(rng.uniform(0.0, 1.0))
-                if kind == "training-box":  # just after a progress report, to know how far it had got
-                    _, seen = _progress(ws, job)
-                    wait_for(
-                        lambda j=job, t=seen: _progress(ws, j)[1] != t or _running_job(ws) != j,
-                        "a progress report",
-                        timeout=60,
-                    )
-            else:
-                wait_for(
-                    lambda m=marker: any(m.glob("*.json")) or (not _busy_steps(ws) and not inbox_names(ws)),
-                    f"the {kind} moment",
-                    timeout=240,
-                )
-                job = _running_job(ws)
-            # The moment may have passed (the step ended first, no checkpoint was left to write): the
-            # kill still happens, at whatever the daemon was doing, and is counted apart.
-            hit = _running_job(ws) == job if kind.startswith("training") else any(marker.glob("*.json"))
-            reached = _progress(ws, job)[0] if job is not None else 0
-            if kind != "training-daemon":  # a crash of the whole box: the child dies with it
-                kill_workers(ws)
-            daemon.process.send_signal(signal.SIGKILL)
-            daemon.process.wait(60)
-            kills[kind] += hit
-            missed += not hit
-        finally:
-            daemon.stop(signal.SIGKILL)
+        hit, job, reached = _kill_at_the_moment(ws, kind, tmp_path / f"marker-{number}", rng, submit_next)
+        kills[kind] += hit
+        missed += not hit
         wait_workers_gone(ws)  # a child whose daemon died checkpoints and exits by itself
         if kind in ("training-daemon", "training-box", "checkpoint") and job is not None:
             redone.append((kind, max(0, reached - _checkpoint_iteration(ws, job))))
-        assert integrity_problems(ws, at_rest=False) == [], f"after the kill of round {number} ({kind})"
-        _recover(ws)
-        assert integrity_problems(ws, at_rest=True) == [], f"after recovery in round {number} ({kind})"
-        assert _leftovers(ws) == []
-        recorded = {row[0] for row in catalog_rows(ws, "SELECT name FROM batches")}
-        lost = set(submitted) - recorded - set(inbox_names(ws))
-        assert not lost, f"batches neither recorded nor in the inbox after round {number} ({kind}): {lost}"
+        _assert_sound_after_the_kill(ws, f"round {number} ({kind})", submitted)
         took.append((kind, round(time.monotonic() - round_started, 1)))
 
-    # Without faults the daemon finishes every step: nothing was lost or recorded twice.
+    _assert_the_work_finishes(ws, submitted, redone)
+    record_figure(
+        "kill_9",
+        kills=kills,
+        missed=missed,
+        steps=len(submitted),
+        iterations_redone=redone,
+        checkpoint_every=CHECKPOINT_EVERY,
+        seconds_per_round=took,
+    )
+
+
+def _kill_at_the_moment(
+    ws: Workspace, kind: str, marker: Path, rng: random.Random, submit_next: Callable[[], None]
+) -> tuple[bool, int | None, int]:
+    """One round: a daemon paused at the ``kind`` moment (or training), then killed with SIGKILL, its
+    child too unless only the daemon dies. Whether the moment was hit, the job running, its iteration."""
+    daemon = DaemonProcess(ws, faults=_faults(kind, rng, marker))
+    try:
+        if kind == "ingest":
+            submit_next()
+        job = _wait_for_the_moment(ws, kind, marker, rng)
+        # The moment may have passed (the step ended first, no checkpoint was left to write): the
+        # kill still happens, at whatever the daemon was doing, and is counted apart.
+        hit = _running_job(ws) == job if kind.startswith("training") else any(marker.glob("*.json"))
+        reached = _progress(ws, job)[0] if job is not None else 0
+        if kind != "training-daemon":  # a crash of the whole box: the child dies with it
+            kill_workers(ws)
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(60)
+    finally:
+        daemon.stop(signal.SIGKILL)
+    return hit, job, reached
+
+
+def _wait_for_the_moment(ws: Workspace, kind: str, marker: Path, rng: random.Random) -> int | None:
+    """Wait until training has reported (then a random pause, or the next report for a crash of the whole
+    box) or until the daemon paused at the fault's moment; the job running then."""
+    if kind.startswith("training"):
+        wait_for(
+            lambda: (job := _running_job(ws)) is not None and _progress(ws, job)[0] >= 1,
+            "training",
+            timeout=180,
+        )
+        job = _running_job(ws)
+        time.sleep(rng.uniform(0.0, 1.0))
+        if kind == "training-box":  # just after a progress report, to know how far it had got
+            _, seen = _progress(ws, job)
+            wait_for(
+                lambda j=job, t=seen: _progress(ws, j)[1] != t or _running_job(ws) != j,
+                "a progress report",
+                timeout=60,
+            )
+        return job
+    wait_for(
+        lambda m=marker: any(m.glob("*.json")) or (not _busy_steps(ws) and not inbox_names(ws)),
+        f"the {kind} moment",
+        timeout=240,
+    )
+    return _running_job(ws)
+
+
+def _assert_sound_after_the_kill(ws: Workspace, when: str, submitted: list[str]) -> None:
+    """The workspace as the kill left it and after a restart's recovery: sound, no leftovers, and every
+    submitted batch recorded or still in the inbox."""
+    assert integrity_problems(ws, at_rest=False) == [], f"after the kill of {when}"
+    _recover(ws)
+    assert integrity_problems(ws, at_rest=True) == [], f"after recovery in {when}"
+    assert _leftovers(ws) == []
+    recorded = {row[0] for row in catalog_rows(ws, "SELECT name FROM batches")}
+    lost = set(submitted) - recorded - set(inbox_names(ws))
+    assert not lost, f"batches neither recorded nor in the inbox after {when}: {lost}"
+
+
+def _assert_the_work_finishes(ws: Workspace, submitted: list[str], redone: list[tuple[str, int]]) -> None:
+    """Without faults the daemon finishes every step: nothing was lost or recorded twice, and no kill cost
+    more than the iterations since the last checkpoint."""
     daemon = DaemonProcess(ws)
     try:
         wait_for(lambda: not _busy_steps(ws) and not inbox_names(ws), "the remaining steps", timeout=600)
@@ -241,15 +276,6 @@ def test_kill_9_at_random_moments_leaves_a_sound_workspace_that_finishes_the_wor
     assert all(n <= CHECKPOINT_EVERY for _, n in redone), redone
     # A child whose daemon alone died checkpoints before it exits: nothing to redo.
     assert all(n == 0 for kind, n in redone if kind == "training-daemon"), redone
-    record_figure(
-        "kill_9",
-        kills=kills,
-        missed=missed,
-        steps=len(submitted),
-        iterations_redone=redone,
-        checkpoint_every=CHECKPOINT_EVERY,
-        seconds_per_round=took,
-    )
 
 
 # --- 3 and 11. SIGTERM: checkpoint, exit in time, resume to the same weights ---------------------------

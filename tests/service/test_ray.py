@@ -18,8 +18,10 @@ from daemon_helpers import (
     DaemonProcess,
     catalog_rows,
     ciss,
+    job_progress,
     new_workspace,
     settings_text,
+    status,
     step_states,
     tiny_batch,
     wait_for,
@@ -33,7 +35,6 @@ from ciss_daemon.service.jobs import Outcome, outcome_of
 from ciss_daemon.service.launch import Launch, plan_launch, worker_command
 from ciss_daemon.service.protocol import EXIT_RANK_LOST
 from ciss_daemon.settings import parse_settings
-from ciss_daemon.workspace import Workspace
 from engine.checkpoint import load_checkpoint
 
 
@@ -171,18 +172,6 @@ def _on_ray(address: str, **overrides: object) -> str:
     return settings_text(**{**values, **overrides})
 
 
-def _progress(ws: Workspace, job: int) -> dict:
-    try:
-        return json.loads((ws.jobs / str(job) / "progress.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _status(ws: Workspace, *args: str) -> str:
-    command = [sys.executable, "-m", "ciss_daemon.cli", "status", *args, "--workspace", str(ws.root)]
-    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout
-
-
 @pytest.mark.slow
 def test_a_step_trains_on_2_ray_workers_stops_at_a_checkpoint_and_the_resume_is_promoted(
     tmp_path: Path, ray_head: str
@@ -193,14 +182,14 @@ def test_a_step_trains_on_2_ray_workers_stops_at_a_checkpoint_and_the_resume_is_
     daemon = DaemonProcess(ws)
     try:
         submit_folder(tiny_batch(tmp_path / "data", 0, n_train=16, n_val=2), ws.inbox)
-        wait_for(lambda: _progress(ws, 1).get("iteration", 0) >= 2, "training on Ray", timeout=400)
-        progress = _progress(ws, 1)
+        wait_for(lambda: job_progress(ws, 1).get("iteration", 0) >= 2, "training on Ray", timeout=400)
+        progress = job_progress(ws, 1)
         assert progress["ranks"] == 2 and progress["total"] == 12
         cluster = progress["cluster"]
         assert cluster["launcher"] == "ray" and cluster["address"] == ray_head and cluster["workers"] == 2
-        running = json.loads(_status(ws, "--json"))["running"]
+        running = status(ws)["running"]
         assert running["progress"]["cluster"] == cluster
-        text = " ".join(_status(ws).split())  # however rich wraps the line
+        text = " ".join(ciss(ws, "status").stdout.split())  # however rich wraps the line
         assert f"on 2 processes, on the Ray cluster at {ray_head} (nodes " in text, text
         assert daemon.stop(signal.SIGTERM) == 0
     finally:
@@ -233,7 +222,7 @@ def test_a_daemon_killed_mid_step_on_ray_leaves_a_checkpoint_and_the_next_daemon
     daemon = DaemonProcess(ws)
     try:
         submit_folder(tiny_batch(tmp_path / "data", 0, n_train=16, n_val=2), ws.inbox)
-        wait_for(lambda: _progress(ws, 1).get("iteration", 0) >= 2, "training on Ray", timeout=400)
+        wait_for(lambda: job_progress(ws, 1).get("iteration", 0) >= 2, "training on Ray", timeout=400)
     finally:
         daemon.stop(signal.SIGKILL)
     # The supervisor dies with the daemon (parent-death signal): it stops the ranks on their nodes, which

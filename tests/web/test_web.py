@@ -16,7 +16,16 @@ with warnings.catch_warnings():  # starlette asks for httpx2; httpx is what the 
     from starlette.testclient import TestClient
 
 from typer.testing import CliRunner
-from web_helpers import EVIL_BATCH, EVIL_CLASS, EVIL_REJECTED, HELD_REASON, TOKEN, seed, workspace
+from web_helpers import (
+    EVIL_BATCH,
+    EVIL_CLASS,
+    EVIL_REJECTED,
+    HELD_REASON,
+    TOKEN,
+    record_bird_batch,
+    seed,
+    workspace,
+)
 
 from ciss_daemon import web
 from ciss_daemon.cli import app as cli_app
@@ -247,17 +256,7 @@ def test_the_charts_follow_a_new_step_although_their_data_is_cached(seeded: Work
     assert c.get("/api/status").json()["charts"]["steps"] == ["step 0", "step 1"]  # from the cache
     factory = connection.session_factory(connection.make_engine(f"sqlite:///{seeded.catalog_path}"))
     with connection.transaction(factory) as s:
-        batch = catalog.record_batch(
-            session=s,
-            name="b002",
-            kind="train",
-            sha256="2" * 64,
-            store_path=seeded.store / "b2",
-            class_names={1: "bird"},
-            n_train=8,
-            n_val=2,
-        )
-        step = catalog.create_step(session=s, batch=batch)
+        step = catalog.create_step(session=s, batch=record_bird_batch(s, seeded))
         catalog.log_event(session=s, kind="accepted", message="batch 'b002' accepted as step 2", step=step)
     assert c.get("/api/status").json()["charts"]["steps"] == ["step 0", "step 1", "step 2"]
 
