@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from engine.data import SegmentationFiles, label_lut, remap
 from engine.sampling import StepSampler
-from engine.transforms import TrainTransform, normalize_image, read_image, read_mask
 from engine.synthetic import render_sample
+from engine.transforms import TrainTransform, normalize_image, read_image, read_mask
 
 
 def write_input_data(

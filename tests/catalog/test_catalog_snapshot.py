@@ -84,6 +84,7 @@ def test_status_snapshot_shows_model_job_queue_rejections_and_events(
     with plain.reading(url) as read:  # what `ciss status` reads: the driver itself, without SQLAlchemy
         assert status_snapshot(read, recent=10) == snapshot
 
+
 def _write_a_thousand_steps(factory: sessionmaker[Session], states: tuple[str, ...]) -> None:
     """1,000 steps in turn in ``states``, 2 classes each, the current model at step 996, 1,000 rejections."""
     with connection.transaction(factory) as s:

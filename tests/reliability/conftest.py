@@ -4,7 +4,6 @@ started in-process on both (see tests/helpers/inbox_helpers.py)."""
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
