@@ -13,6 +13,10 @@ from rich.text import Text
 
 from ciss_daemon.workspace import Workspace
 
+# Class names listed in the current model's panel: a long history would otherwise fill the screen (and
+# wrapping thousands of names is most of the time `ciss status` takes to draw).
+CLASSES_SHOWN = 40
+
 STATE_STYLES = {
     "promoted": "green",
     "held": "yellow",
@@ -81,7 +85,9 @@ def _daemon_line(data: dict[str, Any]) -> Text:
 def _current_part(current: dict[str, Any] | None, ws: Workspace) -> Panel | Text:
     if not current:
         return Text(f"no model promoted yet; drop a batch folder into {ws.inbox}")
-    names = ", ".join(c["name"] for c in current["classes"])
+    names = ", ".join(c["name"] for c in current["classes"][:CLASSES_SHOWN])
+    if len(current["classes"]) > CLASSES_SHOWN:
+        names += f", and {len(current['classes']) - CLASSES_SHOWN} more (`ciss classes` lists them)"
     body = Text()
     body.append(current["version"], style="bold")
     body.append(f" (step {current['step']}), {len(current['classes'])} classes: {names}\n")

@@ -171,3 +171,23 @@ def test_summary_lines_name_both_groupings() -> None:
     )
     # Metrics recorded before the paper grouping existed show the gate's line only.
     assert len(views.summary_lines({k: v for k, v in metrics.items() if k != "paper"}).splitlines()) == 1
+
+
+def test_the_current_model_panel_lists_at_most_40_class_names(ws: Workspace) -> None:
+    data = {
+        "daemon": {"alive": False, "pid": None},
+        "workspace": str(ws.root),
+        "current": {
+            "version": "v0100",
+            "step": 99,
+            "classes": [{"id": i, "name": f"c{i}"} for i in range(1, 101)],
+            "metrics": {},
+        },
+        "steps": [],
+        "queue": [],
+        "rejections": [],
+        "events": [],
+    }
+    text = rendered(data, ws)
+    assert "100 classes: c1, c2," in text and "c40, and 60 more (`ciss" in text
+    assert "c41" not in text
