@@ -409,7 +409,7 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "memory_size": "DKD-M exemplar memory, in images; 0 disables it.",
         "seed": "Random seed.",
         "num_workers": '"auto" (min(8, CPU count) on CUDA, 0 on the CPU) or a number of loader processes.',
-        "checkpoint_every": "Iterations between checkpoints (one is also written at each epoch end).",
+        "checkpoint_every": "Iterations between checkpoints (one is also written when the step ends).",
     },
 }
 

@@ -100,7 +100,7 @@ class TrainConfig:
     seed: int = 0
     # "auto": min(8, CPU count) data-loading workers on CUDA (0 would starve the GPU), none on the CPU.
     num_workers: int | str = "auto"
-    checkpoint_every: int = 200  # iterations between checkpoints (and one at every epoch end)
+    checkpoint_every: int = 200  # iterations between checkpoints (and one at the step's end)
 
     def __post_init__(self) -> None:
         _check_choice("train", "method", self.method, METHODS)

@@ -228,7 +228,7 @@ def train_step(
 
     The model must already have its classifier for this step (``add_step`` done for t >= 1). With
     ``checkpoint_path`` set, a checkpoint is written every ``config.train.checkpoint_every`` iterations, at
-    every epoch end and when ``should_stop()`` turns true; with ``resume`` an existing checkpoint there is
+    the step's end and when ``should_stop()`` turns true; with ``resume`` an existing checkpoint there is
     loaded first and training continues from its position. Returns when the step is done or stopped.
     ``fast`` (default: ``default_fast_paths(device)``, all on for CUDA) chooses how the step runs on the
     GPU without changing what it computes; with channels_last the model and teacher are left in that layout.
@@ -252,7 +252,11 @@ def train_step(
     if checkpoint_path is not None and resume and checkpoint_path.exists():
         _resume(state, checkpoint_path, device, step_index)
 
+    saved_at = state.iteration
+
     def write_checkpoint() -> None:
+        nonlocal saved_at
+        saved_at = state.iteration
         if checkpoint_path is not None and rank == 0:
             state.save(checkpoint_path, config=config, meta=checkpoint_meta)
 
@@ -266,7 +270,11 @@ def train_step(
         if not _train_epoch(run, state, batches, clock, should_stop, progress, write_checkpoint):
             return _result(run, state, finished=False)
         state.end_epoch()
-        write_checkpoint()
+        # Not at every epoch end: epochs of a few iterations (small batch folders) made saving a large
+        # share of a step. A multiple of checkpoint_every that falls on an epoch's last batch is saved
+        # here, so no more than checkpoint_every iterations are ever unsaved.
+        if state.epoch == epochs or state.iteration - saved_at >= train.checkpoint_every:
+            write_checkpoint()
     return _result(run, state, finished=True)
 
 

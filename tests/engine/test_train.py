@@ -18,6 +18,7 @@ from train_helpers import RandomSegmentation, base_and_student, tiny_config
 from engine.model import build_model
 from engine.step_setup import build_optimizer, set_step_mode, warmup_poly
 from engine.train import Progress, train_step
+from engine.training_state import TrainingState
 
 
 def _train_on_cpu(
@@ -105,6 +106,25 @@ def test_distillation_terms_are_recorded_as_kl_divergences() -> None:
     weighted += w.dkd_neg * first["dkd_neg"] + w.ac * first["ac"]
     assert first["total"] == pytest.approx(weighted, rel=1e-5)
     assert seen[-1].losses["kd"] > 0.0
+
+
+def test_checkpoints_every_n_iterations_and_at_the_end_not_at_every_epoch_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 12 images at batch 4: 3 iterations per epoch, 4 epochs. Epoch ends fall at 3, 6, 9 and 12.
+    config = tiny_config(checkpoint_every=4, epochs_base=4)
+    teacher, _ = base_and_student(config)
+    saved: list[int] = []
+    original = TrainingState.save
+
+    def recording_save(state: TrainingState, path: Path, **options: Any) -> None:
+        saved.append(state.iteration)
+        original(state, path, **options)
+
+    monkeypatch.setattr(TrainingState, "save", recording_save)
+    _train_on_cpu(teacher, None, config, 0, RandomSegmentation(12, [1, 2]), checkpoint_path=tmp_path / "c.pt")
+    # 4 and 8 inside epochs; 12 is both a multiple and the end; 9 (an epoch end 1 after a save) is skipped.
+    assert saved == [4, 8, 12]
 
 
 @pytest.mark.parametrize("step_index", [0, 1])
