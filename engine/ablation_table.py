@@ -38,7 +38,8 @@ def ablation_markdown(
     names = ["base", *ABLATION_METHODS, "joint"]
     lines = [
         f"Protocol {data.protocol}, {data.train_per_step} training images per step at {data.image_size} px, "
-        f"{data.eval_images}-image evaluation set; seeds {', '.join(map(str, runs))}; after the last step; "
+        f"{data.eval_images}-image evaluation set, {data.objects[0]} to {data.objects[1]} objects an image; "
+        f"seeds {', '.join(map(str, runs))}; after the last step; "
         "paper grouping (old = background + base classes, new = later classes); mean [min-max] over seeds.",
         "",
         "| method | mIoU old | mIoU new | mIoU all | hIoU |",

@@ -255,6 +255,7 @@ class AblationData:
     val_per_step: int = 12
     image_size: int = 64
     eval_images: int = 60
+    objects: tuple[int, int] = (2, 5)  # least and most objects per image (engine.synthetic.generate_batches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +275,7 @@ def prepare_seed(out: Path, data: AblationData, seed: int) -> SeedRun:
         val_per_step=data.val_per_step,
         image_size=data.image_size,
         seed=seed,
+        objects=data.objects,
     )
     folders = generate_batches(out / "data", data.protocol, eval_batch=data.eval_images, **common)
     joint_folders = generate_batches(
@@ -453,6 +455,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--train-per-step", type=int, default=AblationData.train_per_step)
     parser.add_argument(
+        "--objects",
+        type=int,
+        nargs=2,
+        default=list(AblationData.objects),
+        metavar=("LEAST", "MOST"),
+        help="objects per generated image, the step's own among them (default: 2 5)",
+    )
+    parser.add_argument(
+        "--epochs-incremental",
+        type=int,
+        default=None,
+        help="epochs of each incremental step instead of cpu_config's",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -468,7 +484,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             config = dataclasses.replace(
                 config, model=dataclasses.replace(config.model, pretrained=pretrained)
             )
-        data = AblationData(protocol=args.protocol, train_per_step=args.train_per_step)
+        if args.epochs_incremental is not None:
+            train = dataclasses.replace(config.train, epochs_incremental=args.epochs_incremental)
+            config = dataclasses.replace(config, train=train)
+        objects = (args.objects[0], args.objects[1])
+        data = AblationData(protocol=args.protocol, train_per_step=args.train_per_step, objects=objects)
         ablation(args.out, data=data, seeds=args.seeds, config=config, workers=args.workers)
 
 

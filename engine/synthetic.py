@@ -199,11 +199,11 @@ def render_sample(
     required: int,
     extras: Sequence[int],
     *,
-    max_objects: int = 5,
+    objects: tuple[int, int] = (2, 5),
     looks: Sequence[SynthClass] = CLASSES,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one image: a cluttered background, 1 to ``max_objects - 1`` objects of classes drawn from
-    ``extras`` (anywhere, possibly cut by the border, overlapping) and finally one object of class
+    """Draw one image: a cluttered background, ``objects[0] - 1`` to ``objects[1] - 1`` objects of classes
+    drawn from ``extras`` (anywhere, possibly cut by the border, overlapping) and finally one object of class
     ``required`` fully inside the frame and on top, so it is always visible.
 
     Class ids are 1-based indices into ``looks`` (default :data:`CLASSES`: the ids of
@@ -215,13 +215,13 @@ def render_sample(
     image = _background(rng, (yy, xx))  # (H, W, 3)
     labels = np.zeros((size, size), dtype=np.uint8)
     pool = list(extras) or [required]
-    count = int(rng.integers(2, max_objects + 1))
-    objects = [int(c) for c in rng.choice(pool, size=count - 1)] + [required]
+    count = int(rng.integers(objects[0], objects[1] + 1))  # the required object among them
+    drawn = [int(c) for c in rng.choice(pool, size=count - 1)] + [required]
     unit = max(2.0, size / 32)
-    for index, class_id in enumerate(objects):
+    for index, class_id in enumerate(drawn):
         look = looks[class_id - 1]
         r = rng.uniform(0.10, 0.22) * size
-        on_top = index == len(objects) - 1
+        on_top = index == len(drawn) - 1
         cy, cx = rng.uniform(r, size - r, 2) if on_top else rng.uniform(0, size, 2)
         angle = rng.uniform(-0.4, 0.4)
         u = np.cos(angle) * (xx - cx) + np.sin(angle) * (yy - cy)
@@ -272,12 +272,15 @@ def _write_split(
     extras: Sequence[int],
     lut: np.ndarray,
     looks: Sequence[SynthClass],
+    objects: tuple[int, int],
 ) -> None:
     """Write ``count`` image/mask pairs under ``folder``; image i shows class ``labelled[i % n]`` on top."""
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir(parents=True)
     for i in range(count):
-        image, labels = render_sample(rng, size, labelled[i % len(labelled)], extras, looks=looks)
+        image, labels = render_sample(
+            rng, size, labelled[i % len(labelled)], extras, objects=objects, looks=looks
+        )
         Image.fromarray(image).save(folder / "images" / f"{i:04d}.png", compress_level=1)
         Image.fromarray(lut[labels]).save(folder / "masks" / f"{i:04d}.png", compress_level=1)
 
@@ -295,6 +298,7 @@ def _write_batch(
     comment: str,
     drawn: Sequence[int] | None = None,
     looks: Sequence[SynthClass] = CLASSES,
+    objects: tuple[int, int] = (2, 5),
 ) -> None:
     """One batch folder: classes ``labelled`` get mask ``values`` (others 0); batch.toml written last.
 
@@ -308,10 +312,10 @@ def _write_batch(
     train_count, val_count = counts
     drawn = labelled if drawn is None else drawn
     train_rng = np.random.default_rng(seed_key + [0])
-    _write_split(folder, train_count, train_rng, size, drawn, extras, lut, looks)
+    _write_split(folder, train_count, train_rng, size, drawn, extras, lut, looks, objects)
     if val_count:
         val_rng = np.random.default_rng(seed_key + [1])
-        _write_split(folder / "val", val_count, val_rng, size, drawn, extras, lut, looks)
+        _write_split(folder / "val", val_count, val_rng, size, drawn, extras, lut, looks, objects)
     lines = [f"# {comment}", f'kind = "{kind}"', "", "[classes]"]
     lines += [f'{value} = "{looks[c - 1].name}"' for value, c in zip(values, labelled, strict=True)]
     staged = folder / ".batch.toml.tmp"
@@ -332,6 +336,7 @@ def generate_batches(
     prefix: str = "synth",
     num_classes: int | None = None,
     full_labels: bool = False,
+    objects: tuple[int, int] = (2, 5),
 ) -> list[Path]:
     """Write one batch folder per protocol step under ``out_dir``; return their paths in step order.
 
@@ -342,11 +347,15 @@ def generate_batches(
     that many images, ``kind = "eval"`` and fully labelled (mask value k is the protocol's class k), follows.
     ``num_classes`` fills the protocol up by repeating its last step (see :func:`parse_protocol`).
     ``full_labels=True`` writes the same images with every protocol class labelled (mask value k is class
-    k): the data of joint training, the upper bound a protocol is compared with.
+    k): the data of joint training, the upper bound a protocol is compared with. ``objects`` is the least and
+    most objects an image shows (the step's own, on top, among them); fewer make images of a later step show
+    earlier classes less often.
     """
     steps = parse_protocol(protocol, num_classes)
     total = sum(steps)
     _check_generation(steps, protocol, setting, image_size, (train_per_step, val_per_step, eval_batch))
+    if not 1 <= objects[0] <= objects[1]:
+        raise ConfigError(f"objects: {objects} must be (least, most) with 1 <= least <= most")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     everything = list(range(1, total + 1))
@@ -367,12 +376,16 @@ def generate_batches(
             comment=f"synthetic step {t} of protocol {protocol} ({setting}), seed {seed}"
             + (", every class labelled" if full_labels else ""),
             drawn=own,
+            objects=objects,
         )
         folders.append(folder)
     if eval_batch:
         folder = out_dir / f"{prefix}-eval"
         comment = f"synthetic evaluation set of protocol {protocol}, seed {seed}"
-        _write_labelled_batch(folder, "eval", everything, eval_batch, image_size, [seed, len(steps)], comment)
+        key = [seed, len(steps)]
+        _write_labelled_batch(
+            folder, "eval", everything, eval_batch, image_size, key, comment, objects=objects
+        )
         folders.append(folder)
     return folders
 
@@ -412,6 +425,7 @@ def _write_labelled_batch(
     seed_key: list[int],
     comment: str,
     looks: Sequence[SynthClass] = CLASSES,
+    objects: tuple[int, int] = (2, 5),
 ) -> None:
     """A batch folder without val/ whose images show ``classes`` only, each labelled with its own id."""
     _write_batch(
@@ -425,6 +439,7 @@ def _write_labelled_batch(
         seed_key=seed_key,
         comment=comment,
         looks=looks,
+        objects=objects,
     )
 
 

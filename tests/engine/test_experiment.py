@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import experiment
 from engine.ablation_table import ABLATION_METHODS, ablation_markdown, gap_closure
 from engine.config import EngineConfig, ModelConfig, TrainConfig
 from engine.evaluate import Metrics, paper_view, summarize
@@ -64,3 +65,20 @@ def test_ablation_runs_every_row_of_every_seed_in_parallel(tmp_path: Path) -> No
     assert "% of the gap from fine-tuning to joint training" in (tmp_path / "results.md").read_text()
     for method in ABLATION_METHODS:
         assert (tmp_path / "seed-1" / method / "step-02" / "model" / "model.json").is_file()
+
+
+def test_command_line_passes_objects_and_incremental_epochs_to_the_ablation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_ablation(out: Path, **options: object) -> None:
+        seen.update(options, out=out)
+
+    monkeypatch.setattr(experiment, "ablation", fake_ablation)
+    experiment.main(["ablation", "--out", str(tmp_path), "--objects", "1", "3", "--epochs-incremental", "48"])
+    data, config = seen["data"], seen["config"]
+    assert isinstance(data, AblationData) and data.objects == (1, 3)
+    assert isinstance(config, EngineConfig) and config.train.epochs_incremental == 48
+    assert config.train.epochs_base == cpu_config().train.epochs_base  # the rest stays cpu_config's
+    assert "1 to 3 objects an image" in ablation_markdown({}, data, config)

@@ -65,6 +65,26 @@ def test_render_sample_is_deterministic_and_shows_the_required_class() -> None:
     assert (labels == 0).mean() > 0.3  # there is background around the objects
 
 
+def test_objects_bounds_how_many_classes_an_image_shows() -> None:
+    # The default (2, 5) is what render_sample always drew: the same generator state gives the same image.
+    image, labels = render_sample(np.random.default_rng(4), 48, 5, [1, 2, 3])
+    again, labels_again = render_sample(np.random.default_rng(4), 48, 5, [1, 2, 3], objects=(2, 5))
+    assert np.array_equal(image, again) and np.array_equal(labels, labels_again)
+    shown = [
+        set(np.unique(render_sample(np.random.default_rng(i), 48, 5, [1, 2, 3], objects=(1, 1))[1]))
+        for i in range(20)
+    ]
+    assert all(classes == {0, 5} for classes in shown)  # one object: the required class alone
+    extras = [
+        len(
+            set(np.unique(render_sample(np.random.default_rng(i), 48, 5, [1, 2, 3], objects=(4, 4))[1]))
+            - {0, 5}
+        )
+        for i in range(20)
+    ]
+    assert max(extras) >= 2  # three extra objects, of up to three classes, some hidden under others
+
+
 def test_same_seed_writes_identical_bytes(tmp_path: Path, batches: list[Path]) -> None:
     again = generate(tmp_path / "again")
     files = sorted(p.relative_to(batches[0].parent) for b in batches for p in b.rglob("*") if p.is_file())
@@ -140,4 +160,6 @@ def test_generate_batches_refuses_bad_settings(tmp_path: Path, batches: list[Pat
         generate_batches(tmp_path, PROTOCOL, train_per_step=3)
     with pytest.raises(ConfigError, match="eval_batch: 5 must be 0 or >= 8"):
         generate_batches(tmp_path, PROTOCOL, eval_batch=5)
+    with pytest.raises(ConfigError, match=r"objects: \(0, 3\) must be \(least, most\)"):
+        generate_batches(tmp_path, PROTOCOL, objects=(0, 3))
     assert not list(tmp_path.iterdir())
