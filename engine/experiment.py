@@ -39,7 +39,7 @@ from engine.data import read_manifest
 from engine.evaluate import Metrics, paper_view
 from engine.pretrain import backbone_file, cache_dir, synthetic_backbone
 from engine.runner import BatchRef, StepData, StepRequest, run_step
-from engine.synthetic import generate_batches
+from engine.synthetic import OBJECTS, generate_batches
 from engine.train import Progress as TrainProgress
 
 
@@ -255,7 +255,7 @@ class AblationData:
     val_per_step: int = 12
     image_size: int = 64
     eval_images: int = 60
-    objects: tuple[int, int] = (2, 5)  # least and most objects per image (engine.synthetic.generate_batches)
+    objects: tuple[int, int] = OBJECTS  # least and most objects per image (engine.synthetic)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,9 @@ _COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 
+# The least and most objects an image shows, the required one among them (render_sample's default).
+OBJECTS = (2, 5)
+
 # Desaturated mid tones: backgrounds and clutter never take a class colour.
 _BACKGROUNDS = np.array(
     [(118, 118, 112), (96, 100, 104), (140, 132, 118), (104, 112, 98), (128, 120, 132), (84, 84, 88)],
@@ -199,7 +202,7 @@ def render_sample(
     required: int,
     extras: Sequence[int],
     *,
-    objects: tuple[int, int] = (2, 5),
+    objects: tuple[int, int] = OBJECTS,
     looks: Sequence[SynthClass] = CLASSES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one image: a cluttered background, ``objects[0] - 1`` to ``objects[1] - 1`` objects of classes
@@ -298,7 +301,7 @@ def _write_batch(
     comment: str,
     drawn: Sequence[int] | None = None,
     looks: Sequence[SynthClass] = CLASSES,
-    objects: tuple[int, int] = (2, 5),
+    objects: tuple[int, int] = OBJECTS,
 ) -> None:
     """One batch folder: classes ``labelled`` get mask ``values`` (others 0); batch.toml written last.
 
@@ -336,7 +339,7 @@ def generate_batches(
     prefix: str = "synth",
     num_classes: int | None = None,
     full_labels: bool = False,
-    objects: tuple[int, int] = (2, 5),
+    objects: tuple[int, int] = OBJECTS,
 ) -> list[Path]:
     """Write one batch folder per protocol step under ``out_dir``; return their paths in step order.
 
@@ -425,7 +428,7 @@ def _write_labelled_batch(
     seed_key: list[int],
     comment: str,
     looks: Sequence[SynthClass] = CLASSES,
-    objects: tuple[int, int] = (2, 5),
+    objects: tuple[int, int] = OBJECTS,
 ) -> None:
     """A batch folder without val/ whose images show ``classes`` only, each labelled with its own id."""
     _write_batch(
