@@ -308,9 +308,18 @@ def _rank_lost(error: Exception) -> bool:
     import torch.distributed as dist
 
     text = str(error)
-    return isinstance(error, dist.DistError) or any(
-        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out")
-    )
+    return isinstance(error, dist.DistError) or any(marker in text for marker in _RANK_LOST_MARKERS)
+
+
+# What gloo raises when a peer is gone: a dead peer closes or resets the connection; a silent one makes
+# the waiting rank time out, which gloo words as "Timed out waiting ..." or, when the timeout fires on
+# the connection itself, "Application timeout caused pair closure" (which of the two depends on timing).
+_RANK_LOST_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out",
+    "timeout caused pair closure",
+)
 
 
 def _rank_lost_reason(error: Exception, world: int) -> str:

@@ -82,3 +82,29 @@ def test_several_ranks_start_under_torch_distributed_run(tmp_path: Path) -> None
     assert "--nproc-per-node=2" in command and "--standalone" in command
     assert command[-3:] == ["-m", "ciss_daemon.service.worker", str(tmp_path)]
     assert env == {"CISS_RANK_TIMEOUT": "60.0", "CUDA_VISIBLE_DEVICES": "0,3"}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4321",
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection reset by peer",
+        "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for recv",
+        "Application timeout caused pair closure",
+    ],
+)
+def test_gloo_errors_of_a_lost_rank_are_told_as_a_lost_rank(message: str) -> None:
+    from ciss_daemon.service.worker import _rank_lost, _rank_lost_reason
+
+    error = RuntimeError(message)
+    assert _rank_lost(error)
+    reason = _rank_lost_reason(error, 2)
+    assert reason.startswith("one of the 2 training processes of this step died or stopped answering (")
+    assert "pair.cc" not in reason  # gloo's source location is not the user's business
+
+
+def test_other_errors_are_not_a_lost_rank() -> None:
+    from ciss_daemon.service.worker import _rank_lost
+
+    assert not _rank_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not _rank_lost(ValueError("batch 3: mask.png is not a palette image"))
