@@ -1,14 +1,14 @@
 """Training throughput, upsampling and input-pipeline benchmarks (issue: GPU speed and scale).
 
 ``python -m benchmarks.throughput throughput [--device cuda] [--backbone resnet101] [--size 512] [--batch 16]
-[--steps 20] [--warmup 5] [--real-data DIR --workers 8] [--peak-tflops 989] [--out results.json]``
-trains step 0 and an incremental step (the VOC 15-5 layout: 15 base classes, 5 new) with the fast paths
-off and on, and reports images/s, the micro-batch (below ``--batch`` when the OOM fallback split it),
-peak memory (``torch.cuda.max_memory_allocated`` on CUDA, the peak RSS of the process on the CPU) and
-the share of peak FLOP/s. Without ``--real-data`` each step trains on one random batch that stays on the
-device, so only compute is measured, as in the project's H100 profile (docs/benchmarks.md, "GPU throughput");
-with it, ``train_step`` runs end to end on the batch folder DIR, DataLoader workers included. Each case
-runs in a fresh process, so peak memory and compilation caches are its own.
+[--output-stride 16] [--steps 20] [--warmup 5] [--real-data DIR --workers 8] [--peak-tflops 989] [--out
+results.json]`` trains step 0 and an incremental step (the VOC 15-5 layout: 15 base classes, 5 new) with the
+fast paths off and on, and reports images/s, the micro-batch (below ``--batch`` when the OOM fallback split
+it), peak memory (``torch.cuda.max_memory_allocated`` on CUDA, the peak RSS of the process on the CPU) and the
+share of peak FLOP/s. Without ``--real-data`` each step trains on one random batch that stays on the device,
+so only compute is measured, as in the project's H100 profile (docs/benchmarks.md, "GPU throughput"); with it,
+``train_step`` runs end to end on the batch folder DIR, DataLoader workers included. Each case runs in a fresh
+process, so peak memory and compilation caches are its own.
 
 ``python -m benchmarks.throughput parts [--device cuda] [--batch 16] [--size 512]`` times forward +
 backward of the logits' upsampling alone, ``F.interpolate`` against the separable matrix products, in
@@ -76,6 +76,7 @@ class ThroughputCase:
     fast_label: str  # "off" or "on"
     real_data: str | None = None
     workers: int = 0
+    output_stride: int = 16
 
 
 def fast_paths_for(device: torch.device, on: bool, compile_model: bool) -> FastPaths:
@@ -100,10 +101,12 @@ def step_sizes(step_index: int) -> list[int]:
     return [BASE_CLASSES] if step_index == 0 else [BASE_CLASSES, NEW_CLASSES]
 
 
-def forward_flops_per_image(backbone: str, size: int, step_index: int) -> float:
+def forward_flops_per_image(backbone: str, size: int, step_index: int, output_stride: int = 16) -> float:
     """FLOPs of one student forward pass (logits and, at t >= 1, reasoning scores) on one image."""
     with torch.device("meta"):
-        model = DKDSegmenter(ModelConfig(backbone=backbone), step_sizes(step_index))
+        model = DKDSegmenter(
+            ModelConfig(backbone=backbone, output_stride=output_stride), step_sizes(step_index)
+        )
         images = torch.empty(1, 3, size, size)
     model.eval()
     student = StepModel(model, num_old=0 if step_index == 0 else BASE_CLASSES)
@@ -112,14 +115,14 @@ def forward_flops_per_image(backbone: str, size: int, step_index: int) -> float:
     return float(counter.get_total_flops())
 
 
-def training_flops_per_image(backbone: str, size: int, step_index: int) -> float:
+def training_flops_per_image(backbone: str, size: int, step_index: int, output_stride: int = 16) -> float:
     """3 forward-equivalents at step 0 (backward = 2 forwards), 4 at t >= 1 (plus the teacher)."""
-    return (3 if step_index == 0 else 4) * forward_flops_per_image(backbone, size, step_index)
+    return (3 if step_index == 0 else 4) * forward_flops_per_image(backbone, size, step_index, output_stride)
 
 
 def _config(case: ThroughputCase) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(backbone=case.backbone),
+        model=ModelConfig(backbone=case.backbone, output_stride=case.output_stride),
         train=TrainConfig(batch_size=case.batch, crop_size=case.size, amp=True, num_workers=case.workers),
     )
 
@@ -230,7 +233,10 @@ def run_case(case: ThroughputCase) -> dict[str, Any]:
         "seconds_per_step": seconds / len(timed),
         "warmup_seconds": start - started,
         "micro_batch": micro_batch,
-        "training_gflop_per_image": training_flops_per_image(case.backbone, case.size, case.step_index) / 1e9,
+        "training_gflop_per_image": training_flops_per_image(
+            case.backbone, case.size, case.step_index, case.output_stride
+        )
+        / 1e9,
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -269,6 +275,7 @@ def throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
                 fast_label=label,
                 real_data=args.real_data,
                 workers=args.workers,
+                output_stride=args.output_stride,
             )
             result = run_case(case) if args.in_process else _run_isolated(case)
             flops = result["images_per_second"] * result["training_gflop_per_image"] * 1e9
@@ -359,6 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     tp.add_argument("--backbone", default="resnet101", choices=BACKBONES)
     tp.add_argument("--size", type=int, default=512, help="crop size (square)")
+    tp.add_argument("--output-stride", type=int, default=16, choices=(8, 16), help="8: the CPU settings'")
     tp.add_argument("--batch", type=int, default=16)
     tp.add_argument("--steps", type=int, default=20, help="timed iterations")
     tp.add_argument(
