@@ -11,7 +11,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from engine.config import ModelConfig
 from engine.exceptions import CheckpointError, ConfigError
 from engine.losses import ac_loss
-from engine.model import DKDSegmenter, build_model, upsample
+from engine.model import CentreTapConv2d, DKDSegmenter, build_model, upsample
 
 R18 = ModelConfig(backbone="resnet18")
 
@@ -195,3 +195,43 @@ def test_head_and_classifiers_start_kaiming_normal() -> None:
         assert conv.weight.std().item() == pytest.approx(
             expected, rel=0.25 if conv.weight.numel() < 1000 else 0.05
         )
+
+
+@pytest.mark.parametrize("size, dilation", [(8, 12), (8, 8), (5, 6), (8, 6), (32, 18)])
+def test_centre_tap_conv_equals_the_full_atrous_conv(size: int, dilation: int) -> None:
+    # Below the dilation only the centre tap reads inside the map; at or above it the full conv runs.
+    torch.manual_seed(0)
+    full = nn.Conv2d(16, 8, 3, padding=dilation, dilation=dilation, bias=False)
+    fast = CentreTapConv2d.taking_over(full)
+    assert fast.weight is full.weight
+    x = torch.randn(2, 16, size, size, requires_grad=True)
+    expected = full(x)
+    (grad_x_full, grad_w_full) = torch.autograd.grad(expected.square().sum(), (x, full.weight))
+    got = fast(x)
+    (grad_x, grad_w) = torch.autograd.grad(got.square().sum(), (x, fast.weight))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_x, grad_x_full, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_w, grad_w_full, rtol=1e-5, atol=1e-4)
+    if size <= dilation:
+        off_centre = grad_w.clone()
+        off_centre[:, :, 1, 1] = 0
+        assert off_centre.abs().max() == 0  # those weights never matter here, in either conv
+
+
+def test_aspp_atrous_convs_skip_dead_taps_without_changing_seeded_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model = DKDSegmenter(R18, [4])
+    atrous = [m for m in model.head.modules() if isinstance(m, CentreTapConv2d)]
+    assert [m.dilation[0] for m in atrous] == [6, 12, 18]
+    # Against torchvision's ASPP with plain convs: the same random draws, so seeded runs keep their weights.
+    monkeypatch.setattr(CentreTapConv2d, "taking_over", classmethod(lambda cls, conv: conv))
+    torch.manual_seed(0)
+    plain = DKDSegmenter(R18, [4])
+    assert not any(isinstance(m, CentreTapConv2d) for m in plain.modules())
+    for (name, value), (_, other) in zip(model.state_dict().items(), plain.state_dict().items(), strict=True):
+        assert torch.equal(value, other), name
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(x).logits, plain(x).logits, rtol=1e-4, atol=1e-4)
