@@ -71,8 +71,9 @@ def _ranks(ws: Workspace) -> dict[int, int]:
 @pytest.mark.slow
 def test_sigterm_mid_step_stops_every_rank_at_one_checkpoint_and_the_resume_finishes(tmp_path: Path) -> None:
     ws = new_workspace(
-        tmp_path / "ws", _two_ranks(train__epochs_base=10, train__checkpoint_every=100)
-    )  # 16 images, 4 a step: 4 iterations an epoch, 40 in all, so SIGTERM comes before the end
+        tmp_path / "ws", _two_ranks(train__epochs_base=30, train__checkpoint_every=1000)
+    )  # 16 images, 4 a step: 4 iterations an epoch, 120 in all, so SIGTERM comes before the end (40 were
+    # over before it on a box loaded by other training runs)
     daemon = DaemonProcess(ws)
     try:
         submit_folder(tiny_batch(tmp_path / "data", 0, n_train=16, n_val=2), ws.inbox)
@@ -80,10 +81,10 @@ def test_sigterm_mid_step_stops_every_rank_at_one_checkpoint_and_the_resume_fini
         progress = job_progress(ws, 1)
         assert len(_ranks(ws)) == 2
         # One report for the whole job: the total batch's iterations, and the images of both ranks.
-        assert progress["ranks"] == 2 and progress["total"] == 40
+        assert progress["ranks"] == 2 and progress["total"] == 120
         running = status(ws)["running"]
         assert running["progress"]["ranks"] == 2
-        # On a loaded machine the 40 iterations may be over by now: the ETA exists while training runs.
+        # On a loaded machine the 120 iterations may be over by now: the ETA exists while training runs.
         assert running["eta_seconds"] is not None or running["progress"].get("phase") != "training"
         assert "on 2 processes" in " ".join(ciss(ws, "status").stdout.split())  # however rich wraps the line
         assert daemon.stop(signal.SIGTERM) == 0
@@ -92,7 +93,7 @@ def test_sigterm_mid_step_stops_every_rank_at_one_checkpoint_and_the_resume_fini
     assert worker_pids(ws) == []  # the launcher and both ranks are gone
     job = ws.jobs / "1"
     stopped_at = int(load_checkpoint(job / "checkpoint.pt")["position"]["iteration"])
-    assert 2 <= stopped_at < 40  # written where the ranks stopped, not at an epoch end or every 100
+    assert 2 <= stopped_at < 120  # written where the ranks stopped, not at an epoch end or every 1000
     assert json.loads((job / "exit.json").read_text()) == {"code": 75, "reason": None}
     assert list(job.glob(".*.tmp")) == []
     assert catalog_rows(ws, "SELECT state, attempts FROM jobs") == [("queued", 0)]
