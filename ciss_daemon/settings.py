@@ -393,8 +393,9 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "nesterov": "Nesterov momentum.",
         "weight_decay": "SGD weight decay.",
         "poly_power": "Power of the polynomial learning-rate decay.",
-        "warmup_fraction": "Fraction of the iterations over which the learning rate rises first (ADE20K 0.2; "
-        "VOC 0).",
+        "warmup_fraction_base": "Fraction of step 0's iterations over which the learning rate rises first "
+        "(ADE20K 0.2; VOC 0).",
+        "warmup_fraction_incremental": "The same for each later step (ADE20K 0.2; VOC 0).",
         "warmup_factor": "Learning-rate factor at the start of the warm-up.",
         "epochs_base": "Epochs of step 0.",
         "epochs_incremental": "Epochs of each later step.",

@@ -82,8 +82,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     # ADE20K: the learning rate rises linearly from warmup_factor x over the first warmup_fraction of the
-    # iterations (the reference's WarmupPolyLR: 0.2 and 0.001); VOC: 0, poly decay only.
-    warmup_fraction: float = 0.0
+    # iterations (the reference's WarmupPolyLR: 0.2 and 0.001, every step); VOC: 0, poly decay only.
+    warmup_fraction_base: float = 0.0
+    warmup_fraction_incremental: float = 0.0
     warmup_factor: float = 0.001
     epochs_base: int = 60
     epochs_incremental: int = 60
@@ -106,7 +107,8 @@ class TrainConfig:
         _check_choice("train", "method", self.method, METHODS)
         _check_choice("train", "setting", self.setting, SETTINGS)
         _check_choice("train", "amp_dtype", self.amp_dtype, AMP_DTYPES)
-        _check_range("train", "warmup_fraction", self.warmup_fraction, 0.0, 1.0)
+        for name in ("warmup_fraction_base", "warmup_fraction_incremental"):
+            _check_range("train", name, getattr(self, name), 0.0, 1.0)
         _check_range("train", "warmup_factor", self.warmup_factor, 0.0, 1.0)
         for name in ("lr_base", "lr_incremental", "head_lr_mult", "weight_decay", "poly_power"):
             _check_range("train", name, getattr(self, name), 0.0)

@@ -76,7 +76,8 @@ def reference_config(dataset: str) -> EngineConfig:
                 batch_size=24,
                 epochs_base=100,
                 epochs_incremental=100,
-                warmup_fraction=0.2,
+                warmup_fraction_base=0.2,
+                warmup_fraction_incremental=0.2,
             ),
         )
     raise ConfigError(f"dataset: {dataset!r} is not one of voc, ade")

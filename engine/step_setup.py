@@ -180,8 +180,9 @@ def prepare_step(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
     optimizer = build_optimizer(model, config, step_index)
+    warmup = train.warmup_fraction_base if step_index == 0 else train.warmup_fraction_incremental
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_poly(total_iterations, train.poly_power, train.warmup_fraction, train.warmup_factor)
+        optimizer, warmup_poly(total_iterations, train.poly_power, warmup, train.warmup_factor)
     )
     amp_dtype = autocast_dtype(device, config, fast)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)

@@ -116,7 +116,8 @@ def test_ade_protocol_runs_three_steps(tmp_path: Path, tiny_config: Path) -> Non
     root = ade_tree(tmp_path / "ADEChallengeData2016")
     out = tmp_path / "out"
     config = load_config("ade", tiny_config)
-    assert config.train.warmup_fraction == 0.2 and config.loss.pos_weight_incremental == 35.0
+    assert config.train.warmup_fraction_base == config.train.warmup_fraction_incremental == 0.2
+    assert config.loss.pos_weight_incremental == 35.0
     results = reproduce(Run("ade", "50-50", root, out, config, ("dkd",), 32, "cpu"))
     assert len(results["dkd"]) == 3
     last = results["dkd"][-1]

@@ -242,11 +242,22 @@ def test_warmup_poly_rises_linearly_then_decays() -> None:
 
 
 def test_training_follows_the_warmup_schedule() -> None:
-    config = tiny_config(epochs_base=2, warmup_fraction=0.5, lr_base=0.1)
+    config = tiny_config(epochs_base=2, warmup_fraction_base=0.5, lr_base=0.1)
     model = build_model(config.model, [2])
     lrs: list[float] = []
     _train_on_cpu(model, None, config, 0, RandomSegmentation(8, [1, 2]), progress=lambda p: lrs.append(p.lr))
     # 4 iterations, 2 of warm-up: the learning rate reported after each is that of the next iteration.
+    expected = [0.1 * warmup_poly(4, 0.9, 0.5, 0.001)(i) for i in range(1, 5)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_an_incremental_step_warms_up_by_its_own_fraction() -> None:
+    # Only later steps warm up (as the CPU settings do); step 0's fraction must not leak into them.
+    config = tiny_config(warmup_fraction_base=0.0, warmup_fraction_incremental=0.5, lr_incremental=0.1)
+    teacher, student = base_and_student(config)
+    lrs: list[float] = []
+    data = RandomSegmentation(8, [3])
+    _train_on_cpu(student, teacher, config, 1, data, progress=lambda p: lrs.append(p.lr))
     expected = [0.1 * warmup_poly(4, 0.9, 0.5, 0.001)(i) for i in range(1, 5)]
     assert lrs == pytest.approx(expected)
 
