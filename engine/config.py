@@ -81,8 +81,9 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     poly_power: float = 0.9
-    # ADE20K: the learning rate rises linearly from warmup_factor x over the first warmup_fraction of the
-    # iterations (the reference's WarmupPolyLR: 0.2 and 0.001, every step); VOC: 0, poly decay only.
+    # The learning rate rises linearly from warmup_factor x over the first fraction of a step's iterations:
+    # warmup_fraction_base at step 0, warmup_fraction_incremental later. ADE20K: 0.2 at every step and
+    # 0.001 (the reference's WarmupPolyLR); VOC: 0, poly decay only.
     warmup_fraction_base: float = 0.0
     warmup_fraction_incremental: float = 0.0
     warmup_factor: float = 0.001
