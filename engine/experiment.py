@@ -156,6 +156,7 @@ def run_protocol(
             output_dir=workdir / f"step-{index:02d}" / "model",
             config=config,
             memory_batches=protocol.steps[:index],
+            keep_checkpoint=False,
         )
         if show_progress:
             metrics = train_with_progress(request, f"{label}step {index}", console)
@@ -345,6 +346,7 @@ def run_joint(
         workdir=workdir / "job",
         output_dir=workdir / "model",
         config=config,
+        keep_checkpoint=False,
     )
     result = run_step(request)
     assert result.metrics is not None

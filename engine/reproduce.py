@@ -219,6 +219,7 @@ def run_method(run: Run, data: ProtocolData, method: str, console: Console) -> l
                 output_dir=folder / "model",
                 config=config,
                 device=run.device,
+                keep_checkpoint=False,
             )
             if method == "joint":
                 step_data = StepData(train=data.joint(config.train), evaluation=data.evaluation(t))

@@ -57,3 +57,32 @@ def test_run_step_honours_the_disjoint_setting(tmp_path: Path, setting: str, exp
     )
     result = run_step(request)
     assert result.finished and result.train_images == expected
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_protocol_run_drops_a_finished_steps_checkpoint(tmp_path: Path, keep: bool) -> None:
+    config = tiny_config("overlap")
+    torch.manual_seed(0)
+    save_trained_model(
+        build_model(config.model, [2]),
+        tmp_path / "teacher",
+        config=config,
+        class_names={1: "a", 2: "b"},
+        step_index=0,
+    )
+    request = StepRequest(
+        step_index=1,
+        step_sizes=[2, 1],
+        class_names={1: "a", 2: "b", 3: "kite"},
+        train_batches=[BatchRef("kites", mixed_batch(tmp_path / "kites"), {1: 3, 2: 0})],
+        eval_batches=[],
+        teacher_dir=tmp_path / "teacher",
+        workdir=tmp_path / "job",
+        output_dir=tmp_path / "model",
+        config=config,
+        device="cpu",
+        keep_checkpoint=keep,
+    )
+    assert run_step(request).finished
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "job" / "checkpoint.pt").is_file() == keep
