@@ -15,3 +15,7 @@ class DataError(EngineError):
 
 class CheckpointError(EngineError):
     """A checkpoint or model file is missing, corrupt, unsafe or does not fit the model."""
+
+
+class DivergedError(EngineError):
+    """The training loss is no longer finite; the message names the step, iteration and rate to lower."""

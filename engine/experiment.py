@@ -37,6 +37,7 @@ from engine.ablation_table import ABLATION_METHODS, ablation_markdown, gap_closu
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
 from engine.data import read_manifest
 from engine.evaluate import Metrics, paper_view
+from engine.exceptions import EngineError
 from engine.pretrain import backbone_file, cache_dir, synthetic_backbone
 from engine.runner import BatchRef, StepData, StepRequest, run_step
 from engine.synthetic import OBJECTS, generate_batches
@@ -519,14 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The command line; an engine error (a diverging step, a bad setting) ends it with one line."""
     args = build_parser().parse_args(argv)
-    if args.what == "demo":
-        demo(args.out, seed=args.seed)
-    else:
-        config = ablation_config(args)
-        objects = (args.objects[0], args.objects[1])
-        data = AblationData(protocol=args.protocol, train_per_step=args.train_per_step, objects=objects)
-        ablation(args.out, data=data, seeds=args.seeds, config=config, workers=args.workers)
+    try:
+        if args.what == "demo":
+            demo(args.out, seed=args.seed)
+        else:
+            config = ablation_config(args)
+            objects = (args.objects[0], args.objects[1])
+            data = AblationData(protocol=args.protocol, train_per_step=args.train_per_step, objects=objects)
+            ablation(args.out, data=data, seeds=args.seeds, config=config, workers=args.workers)
+    except EngineError as error:
+        raise SystemExit(f"Error: {error}") from None
 
 
 if __name__ == "__main__":

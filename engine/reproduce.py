@@ -26,7 +26,7 @@ from rich.console import Console
 from engine.config import EngineConfig, LossConfig, ModelConfig, TrainConfig
 from engine.data import SegmentationFiles, identity_lut, label_sets
 from engine.evaluate import Metrics, paper_view
-from engine.exceptions import ConfigError
+from engine.exceptions import ConfigError, EngineError
 from engine.experiment import train_with_progress
 from engine.runner import EvalGroup, StepData, StepRequest
 from engine.standard_datasets import DATASET_CLASSES, dataset_pairs, protocol_dataset, protocol_steps
@@ -362,7 +362,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "eval_crop": args.eval_crop,
         "device": args.device,
     }
-    reproduce(plan_run(args.dataset, args.protocol, args.root, args.out, config_path=args.config, **options))
+    try:
+        reproduce(
+            plan_run(args.dataset, args.protocol, args.root, args.out, config_path=args.config, **options)
+        )
+    except EngineError as error:  # a diverging step, a bad setting or dataset: one line, no traceback
+        raise SystemExit(f"Error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from engine.config import EngineConfig, TrainConfig
-from engine.exceptions import DataError
+from engine.exceptions import DataError, DivergedError
 from engine.fast import FastPaths, accumulate_gradients, default_fast_paths, device_batches
 from engine.losses import ac_loss, dkd_loss, kd_loss, mbce_loss, target_entropy, weighted_total
 from engine.model import DKDSegmenter, upsample
@@ -146,9 +146,10 @@ def batch_loss(
         )
     loss = weighted_total(terms, run.config.loss)
     if not torch.isfinite(loss):
-        raise FloatingPointError(
+        rate = "lr_base" if run.step_index == 0 else "lr_incremental"
+        raise DivergedError(
             f"step {run.step_index}: the loss became {loss.item()} at iteration {iteration}; "
-            "lower the learning rate in [train]"
+            f"lower train.{rate} (now {getattr(run.config.train, rate):g})"
         )
     return loss, {name: term.detach() - floors.get(name, 0.0) for name, term in terms.items()}
 

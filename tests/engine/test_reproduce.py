@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from ciss_daemon.cli import app
 from engine.exceptions import ConfigError
 from engine.reproduce import Run, load_config, main, reproduce
 
@@ -129,3 +131,22 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     path.write_text("[optimiser]\nlr = 1\n")
     with pytest.raises(ConfigError, match=r"bad.toml: unknown table \[optimiser\]; allowed: \[model\]"):
         load_config("voc", path)
+
+
+@pytest.mark.parametrize("route", ["ciss", "module"])
+def test_a_diverging_step_ends_the_command_with_one_line(tmp_path: Path, route: str) -> None:
+    root = voc_tree(tmp_path / "VOC2012")
+    config = tmp_path / "diverging.toml"
+    config.write_text(TINY.replace("[train]\n", "[train]\nlr_base = 1e30\n"))
+    args = ["voc", "--protocol", "19-1", "--root", str(root), "--out", str(tmp_path / "out"),
+            "--config", str(config), "--eval-crop", "32", "--device", "cpu"]  # fmt: skip
+    if route == "ciss":
+        result = CliRunner().invoke(app, ["experiment", *args])
+        assert result.exit_code == 1, result.output
+        message = result.output.strip()  # a progress bar that never drew leaves an empty line
+    else:
+        with pytest.raises(SystemExit) as stopped:
+            main(args)
+        message = str(stopped.value.code)
+    assert message.startswith("Error: step 0: the loss became") and "Traceback" not in message
+    assert message.endswith("lower train.lr_base (now 1e+30)") and "\n" not in message
