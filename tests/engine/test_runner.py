@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,57 +33,39 @@ def mixed_batch(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("setting", "expected"), [("overlap", 6), ("disjoint", 4)])
-def test_run_step_honours_the_disjoint_setting(tmp_path: Path, setting: str, expected: int) -> None:
+def kite_step(tmp_path: Path, setting: str, value_map: dict[int, int], **options: Any) -> StepRequest:
+    """Step 1 (class 3, "kite") of a tiny model, from a saved random teacher of classes 1 and 2."""
     config = tiny_config(setting)
     torch.manual_seed(0)
     teacher = build_model(config.model, [2])
     save_trained_model(
         teacher, tmp_path / "teacher", config=config, class_names={1: "a", 2: "b"}, step_index=0
     )
-    # Fully labelled data, as in a protocol run: class 3 is this step's, class 4 a future step's.
-    batch = BatchRef("kites", mixed_batch(tmp_path / "kites"), {1: 3, 2: 4})
-    request = StepRequest(
+    return StepRequest(
         step_index=1,
         step_sizes=[2, 1],
         class_names={1: "a", 2: "b", 3: "kite"},
-        train_batches=[batch],
+        train_batches=[BatchRef("kites", mixed_batch(tmp_path / "kites"), value_map)],
         eval_batches=[],
         teacher_dir=tmp_path / "teacher",
         workdir=tmp_path / "job",
         output_dir=tmp_path / "model",
         config=config,
         device="cpu",
-        future_classes=[4],
+        **options,
     )
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("overlap", 6), ("disjoint", 4)])
+def test_run_step_honours_the_disjoint_setting(tmp_path: Path, setting: str, expected: int) -> None:
+    # Fully labelled data, as in a protocol run: class 3 is this step's, class 4 a future step's.
+    request = kite_step(tmp_path, setting, {1: 3, 2: 4}, future_classes=[4])
     result = run_step(request)
     assert result.finished and result.train_images == expected
 
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_a_protocol_run_drops_a_finished_steps_checkpoint(tmp_path: Path, keep: bool) -> None:
-    config = tiny_config("overlap")
-    torch.manual_seed(0)
-    save_trained_model(
-        build_model(config.model, [2]),
-        tmp_path / "teacher",
-        config=config,
-        class_names={1: "a", 2: "b"},
-        step_index=0,
-    )
-    request = StepRequest(
-        step_index=1,
-        step_sizes=[2, 1],
-        class_names={1: "a", 2: "b", 3: "kite"},
-        train_batches=[BatchRef("kites", mixed_batch(tmp_path / "kites"), {1: 3, 2: 0})],
-        eval_batches=[],
-        teacher_dir=tmp_path / "teacher",
-        workdir=tmp_path / "job",
-        output_dir=tmp_path / "model",
-        config=config,
-        device="cpu",
-        keep_checkpoint=keep,
-    )
-    assert run_step(request).finished
+    assert run_step(kite_step(tmp_path, "overlap", {1: 3, 2: 0}, keep_checkpoint=keep)).finished
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert (tmp_path / "job" / "checkpoint.pt").is_file() == keep
