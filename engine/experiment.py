@@ -462,6 +462,7 @@ def ablation_config(args: argparse.Namespace) -> EngineConfig:
         for name, value in (
             ("epochs_incremental", args.epochs_incremental),
             ("lr_incremental", args.lr_incremental),
+            ("warmup_fraction_incremental", args.warmup_incremental),
         )
         if value is not None
     }
@@ -503,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="learning rate of each incremental step instead of cpu_config's",
+    )
+    parser.add_argument(
+        "--warmup-incremental",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="share of each incremental step spent warming the learning rate up, instead of cpu_config's",
     )
     parser.add_argument(
         "--pos-weight",
