@@ -14,12 +14,18 @@ from pathlib import Path
 
 from ciss_daemon.exceptions import SettingsError
 from ciss_daemon.settings import Settings, default_settings_toml, parse_settings
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, TrainConfig
 
 PROFILES = ("auto", "gpu", "cpu")
 # Backbones and crops a CPU cannot train in useful time (measured: ResNet-101 at crop 512, 0.13 images/s).
 GPU_BACKBONES = ("resnet101", "resnet50")
 GPU_CROP = 256
+
+
+def batch_words(train: TrainConfig) -> str:
+    """The batch in words: "batch 32", or "batch 4 (1 after step 0)" where later steps have their own."""
+    later = f" ({train.batch_size_incremental} after step 0)" if train.batch_size_incremental else ""
+    return f"batch {train.batch_size}{later}"
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ def gpu_profile(found: str = "") -> Profile:
         "gpu",
         engine,
         f"{found}GPU settings of the paper: {m.backbone} from ImageNet weights, crop {t.crop_size}, "
-        f"batch {t.batch_size}",
+        f"{batch_words(t)}",
     )
 
 
@@ -53,7 +59,7 @@ def cpu_profile(found: str = "") -> Profile:
     return Profile(
         "cpu",
         engine,
-        f"{found}CPU settings of `ciss demo`: {m.backbone}, crop {t.crop_size}, batch {t.batch_size}; "
+        f"{found}CPU settings of `ciss demo`: {m.backbone}, crop {t.crop_size}, {batch_words(t)}; "
         "`ciss init --profile gpu` writes the paper's GPU settings",
     )
 
@@ -95,6 +101,6 @@ def cpu_mismatch(settings: Settings, *, gpu_visible: bool) -> str | None:
         return None
     where = "daemon.device is 'cpu'" if device == "cpu" else "no GPU is visible"
     return (
-        f"ciss.toml trains {m.backbone} at crop {t.crop_size}, batch {t.batch_size}, settings sized for a "
+        f"ciss.toml trains {m.backbone} at crop {t.crop_size}, {batch_words(t)}, settings sized for a "
         f"GPU, but {where}: a step may take hours; `ciss init --profile cpu DIR` writes CPU settings"
     )

@@ -400,6 +400,8 @@ _COMMENTS: dict[str, dict[str, str]] = {
         "epochs_base": "Epochs of step 0.",
         "epochs_incremental": "Epochs of each later step.",
         "batch_size": "Images per iteration (over all GPUs).",
+        "batch_size_incremental": "Images per iteration after step 0 (over all GPUs); 0 = batch_size. "
+        "Batch norm is frozen there, so a smaller batch gives more updates for the same compute.",
         "crop_size": "Side of the square training crop, in pixels.",
         "scale_min": "Smallest random rescale before cropping.",
         "scale_max": "Largest random rescale before cropping.",

@@ -90,6 +90,9 @@ class TrainConfig:
     epochs_base: int = 60
     epochs_incremental: int = 60
     batch_size: int = 32
+    # Images per iteration at steps t >= 1; 0: batch_size. BatchNorm is frozen there, so a smaller batch
+    # gives more updates for the same compute without noisier statistics (see step_batch_size).
+    batch_size_incremental: int = 0
     crop_size: int = 512
     scale_min: float = 0.5
     scale_max: float = 2.0
@@ -116,6 +119,7 @@ class TrainConfig:
         _check_range("train", "momentum", self.momentum, 0.0, 1.0)
         for name in ("epochs_base", "epochs_incremental", "batch_size", "crop_size", "checkpoint_every"):
             _check_range("train", name, getattr(self, name), 1)
+        _check_range("train", "batch_size_incremental", self.batch_size_incremental, 0)
         _check_range("train", "scale_min", self.scale_min, 0.01)
         if self.scale_max < self.scale_min:
             raise ConfigError(f"train.scale_max: {self.scale_max!r} must be >= train.scale_min")
@@ -134,6 +138,13 @@ class TrainConfig:
         if self.num_workers != "auto":
             return int(self.num_workers)
         return min(8, os.cpu_count() or 1) if device_type == "cuda" else 0
+
+    def step_batch_size(self, step_index: int) -> int:
+        """Images per iteration at step ``step_index``: ``batch_size`` at step 0, and after it
+        ``batch_size_incremental`` where set (else ``batch_size``)."""
+        if step_index > 0 and self.batch_size_incremental:
+            return self.batch_size_incremental
+        return self.batch_size
 
     @property
     def use_kd(self) -> bool:

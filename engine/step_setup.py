@@ -189,7 +189,7 @@ def prepare_step(
     # On CUDA OOM in the first iterations: halve the micro-batch, same effective batch. Single process only
     # (DDP ranks would disagree on their collectives); BatchNorm trains at step 0 and needs 2 images.
     fallback = MicroBatchFallback(
-        train.batch_size,
+        train.step_batch_size(step_index),
         min_size=2 if step_index == 0 else 1,
         window=fast.oom_window,
         enabled=fast.oom_fallback and world_size == 1,

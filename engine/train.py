@@ -265,7 +265,7 @@ def train_step(
     log.info("step %d: %s", step_index, fast)
     clock.start(state.iteration)
     while state.epoch < epochs:
-        sampler.set_epoch(state.epoch, start=state.done_in_epoch * train.batch_size)
+        sampler.set_epoch(state.epoch, start=state.done_in_epoch * sampler.batch_size)
         set_step_mode(model, step_index, config)
         batches = device_batches(loader, device, fast)
         if not _train_epoch(run, state, batches, clock, should_stop, progress, write_checkpoint):
@@ -317,7 +317,11 @@ def _step_sampler(
         # BatchNorm trains at step 0 and cannot normalise a batch of one image.
         raise DataError(f"step 0 has {n_images} training image(s); it needs at least {2 * world_size}")
     return StepSampler(
-        n_images, config.train.batch_size, seed=config.train.seed, rank=rank, world_size=world_size
+        n_images,
+        config.train.step_batch_size(step_index),
+        seed=config.train.seed,
+        rank=rank,
+        world_size=world_size,
     )
 
 
@@ -387,7 +391,7 @@ def _step_loader(
     # the middle of an epoch replays exactly the same random numbers as an uninterrupted run.
     return DataLoader(
         dataset,
-        batch_size=train.batch_size,
+        batch_size=sampler.batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",

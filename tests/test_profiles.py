@@ -31,7 +31,8 @@ def test_init_without_a_gpu_writes_the_demo_settings_and_says_so(
     assert load_settings(tmp_path / "ws" / "ciss.toml").engine == demo
     line = (
         f"no GPU found: CPU settings of `ciss demo`: {demo.model.backbone}, crop {demo.train.crop_size}, "
-        f"batch {demo.train.batch_size}; `ciss init --profile gpu` writes the paper's GPU settings"
+        f"batch {demo.train.batch_size} ({demo.train.batch_size_incremental} after step 0); "
+        "`ciss init --profile gpu` writes the paper's GPU settings"
     )
     assert f"    {line}\n" in result.output
     assert f"# {line}\n" in (tmp_path / "ws" / "ciss.toml").read_text(encoding="utf-8")

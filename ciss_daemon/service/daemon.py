@@ -393,7 +393,7 @@ class Daemon:
         timeout = self.settings.daemon.stop_timeout_seconds
         if job.id in self.slow_jobs_warned or rate <= 0:
             return
-        seconds = self.settings.engine.train.batch_size / rate
+        seconds = self.settings.engine.train.step_batch_size(job.step.index) / rate
         if seconds <= timeout:
             return
         self.slow_jobs_warned.add(job.id)

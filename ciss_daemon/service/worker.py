@@ -5,11 +5,12 @@ with the engine, evaluates the candidate and the current model, and saves the ca
 the catalog (the daemon is its only writer); it talks back through the files of ``service/protocol.py``.
 A crash (killed, segfault) leaves neither result nor error; the daemon retries from the checkpoint.
 
-Under ``torch.distributed.run`` (``service/launch.py``) every rank runs this module: ``train.batch_size`` is
-the total batch, split evenly over the ranks; the ranks agree at every iteration whether to stop, so that
-all of them stop at the same one and rank 0 writes a single checkpoint; rank 0 alone writes progress,
-result, error and the model, and records its exit code in ``exit.json`` (76: another rank died or did not
-answer within ``daemon.rank_timeout_seconds``; the daemon retries the attempt from the checkpoint).
+Under ``torch.distributed.run`` (``service/launch.py``) every rank runs this module: ``train.batch_size``
+(after step 0 ``train.batch_size_incremental`` where set) is the total batch, split evenly over the ranks;
+the ranks agree at every iteration whether to stop, so that all of them stop at the same one and rank 0
+writes a single checkpoint; rank 0 alone writes progress, result, error and the model, and records its
+exit code in ``exit.json`` (76: another rank died or did not answer within ``daemon.rank_timeout_seconds``;
+the daemon retries the attempt from the checkpoint).
 """
 
 from __future__ import annotations
@@ -265,23 +266,32 @@ def _cluster() -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+def split_batch(job: JobRequest, world: int) -> None:
+    """Set this rank's share of the batch the step trains with in ``job.config``: ``train.batch_size``,
+    or after step 0 ``train.batch_size_incremental`` where set. ConfigError when it does not split."""
+    from engine.exceptions import ConfigError
+
+    train = job.config["train"]
+    incremental = job.step_index > 0 and bool(train.get("batch_size_incremental"))
+    key = "batch_size_incremental" if incremental else "batch_size"
+    total = int(train[key])
+    if total % world:
+        raise ConfigError(
+            f"train.{key}: {total} does not split evenly over {world} training processes; "
+            f"use a multiple of {world}"
+        )
+    train[key] = total // world
+
+
 def _join_ranks(job: JobRequest, world: int, local_stop: Callable[[], bool]) -> Callable[[], bool]:
     """Join the other ranks: split the batch, pick this rank's device; returns the agreed stop test.
 
-    ``job`` is changed in place: per-rank ``train.batch_size`` and ``device``.
+    ``job`` is changed in place: the per-rank batch of this step (:func:`split_batch`) and ``device``.
     """
     import torch
     import torch.distributed as dist
 
-    from engine.exceptions import ConfigError
-
-    total = int(job.config["train"]["batch_size"])
-    if total % world:
-        raise ConfigError(
-            f"train.batch_size: {total} does not split evenly over {world} training processes; "
-            f"use a multiple of {world}"
-        )
-    job.config["train"]["batch_size"] = total // world
+    split_batch(job, world)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = job.device != "cpu" and torch.cuda.is_available()
     if cuda:

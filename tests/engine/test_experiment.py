@@ -84,19 +84,21 @@ def test_command_line_passes_objects_and_incremental_epochs_to_the_ablation(
     assert "1 to 3 objects an image" in ablation_markdown({}, data, config)
 
 
-def test_command_line_passes_incremental_learning_rate_warm_up_and_pos_weight(
+def test_command_line_passes_incremental_learning_rate_warm_up_batch_and_pos_weight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: dict[str, object] = {}
     monkeypatch.setattr(experiment, "ablation", lambda out, **options: seen.update(options))
     experiment.main(["ablation", "--out", str(tmp_path), "--lr-incremental", "1e-3", "--pos-weight", "2",
-                     "--warmup-incremental", "0.4"])  # fmt: skip
+                     "--warmup-incremental", "0.4", "--batch-incremental", "3"])  # fmt: skip
     config, default = seen["config"], cpu_config()
     assert isinstance(config, EngineConfig)
     assert config.train.lr_incremental == 1e-3 and config.loss.pos_weight_incremental == 2.0
     assert config.train.warmup_fraction_incremental == 0.4
     assert config.train.warmup_fraction_base == default.train.warmup_fraction_base
-    # Only the incremental steps change: the base step's rate and pos_weight stay cpu_config's.
+    assert config.train.batch_size_incremental == 3
+    # Only the incremental steps change: the base step's rate, batch and pos_weight stay cpu_config's.
     assert config.train.lr_base == default.train.lr_base
+    assert config.train.batch_size == default.train.batch_size
     assert config.loss.pos_weight_base == default.loss.pos_weight_base
     assert config.train.epochs_incremental == default.train.epochs_incremental

@@ -127,10 +127,30 @@ def test_checkpoints_every_n_iterations_and_at_the_end_not_at_every_epoch_end(
     assert saved == [4, 8, 12]
 
 
-@pytest.mark.parametrize("step_index", [0, 1])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, step_index: int) -> None:
-    # Dropout is on at step 0, so this also checks that RNG states are restored.
-    config = tiny_config(checkpoint_every=3, epochs_base=2, epochs_incremental=2)
+@pytest.mark.parametrize(("step_index", "iterations"), [(0, 3), (1, 6)])
+def test_later_steps_train_with_their_own_batch(step_index: int, iterations: int) -> None:
+    # 12 images a step: batch 4 at step 0 (3 iterations), batch_size_incremental 2 after it (6).
+    config = tiny_config(batch_size=4, batch_size_incremental=2, epochs_base=1, epochs_incremental=1)
+    teacher, student = base_and_student(config)
+    model, frozen = (teacher, None) if step_index == 0 else (student, teacher)
+    images: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: images.append(args[0].shape[0]))
+    dataset = RandomSegmentation(12, [1, 2] if step_index == 0 else [3])
+    result = _train_on_cpu(model, frozen, config, step_index, dataset)
+    assert result.iterations == iterations
+    assert images == [12 // iterations] * iterations
+
+
+@pytest.mark.parametrize(("step_index", "batch_incremental"), [(0, 0), (1, 0), (1, 2)])
+def test_interrupted_and_resumed_equals_uninterrupted(
+    tmp_path: Path, step_index: int, batch_incremental: int
+) -> None:
+    # Dropout is on at step 0, so this also checks that RNG states are restored. With
+    # batch_size_incremental 2 a step 1 resumes at its own batch's position in the epoch.
+    config = tiny_config(
+        checkpoint_every=3, epochs_base=2, epochs_incremental=2, batch_size_incremental=batch_incremental
+    )
+    per_epoch = 12 // config.train.step_batch_size(step_index)
     dataset = RandomSegmentation(12, [1, 2] if step_index == 0 else [3])
 
     def fresh() -> tuple[nn.Module | None, nn.Module]:
@@ -153,11 +173,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path, step_index
 
     reference, full = run(None, None)
     checkpoint = tmp_path / "checkpoint.pt"
-    _, stopped = run(checkpoint, 4)  # stops inside the second epoch (3 iterations per epoch)
-    assert not stopped.finished and stopped.iterations == 4
+    _, stopped = run(checkpoint, per_epoch + 1)  # stops inside the second epoch
+    assert not stopped.finished and stopped.iterations == per_epoch + 1
     torch.manual_seed(999)  # resuming must not depend on the global RNG state before it
     resumed, finished = run(checkpoint, None)
-    assert finished.finished and finished.iterations == full.iterations == 6
+    assert finished.finished and finished.iterations == full.iterations == 2 * per_epoch
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert len(finished.history) == len(full.history) == 2

@@ -9,6 +9,7 @@ import pytest
 
 from ciss_daemon.exceptions import SettingsError
 from ciss_daemon.service.launch import Launch, plan_launch, visible_gpus, worker_command
+from ciss_daemon.service.protocol import JobRequest
 from ciss_daemon.settings import DaemonSettings, parse_settings
 
 
@@ -108,3 +109,35 @@ def test_other_errors_are_not_a_lost_rank() -> None:
 
     assert not _rank_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not _rank_lost(ValueError("batch 3: mask.png is not a palette image"))
+
+
+def _request(step_index: int, **train: int) -> JobRequest:
+    return JobRequest(
+        step_index=step_index, step_sizes=[2, 1], class_names={}, train_batches=[], eval_batches=[],
+        memory_batches=[], teacher_dir=None, workdir="job", output_dir="model", config={"train": train},
+    )  # fmt: skip
+
+
+def test_each_rank_takes_its_share_of_the_batch_its_step_trains_with() -> None:
+    from ciss_daemon.service.worker import split_batch
+
+    base = _request(0, batch_size=8, batch_size_incremental=2)
+    split_batch(base, 2)
+    assert base.config["train"] == {"batch_size": 4, "batch_size_incremental": 2}
+    later = _request(1, batch_size=8, batch_size_incremental=2)
+    split_batch(later, 2)
+    assert later.config["train"] == {"batch_size": 8, "batch_size_incremental": 1}
+    unset = _request(1, batch_size=8, batch_size_incremental=0)  # 0: later steps train with batch_size
+    split_batch(unset, 4)
+    assert unset.config["train"] == {"batch_size": 2, "batch_size_incremental": 0}
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_line_naming_it() -> None:
+    from ciss_daemon.service.worker import split_batch
+    from engine.exceptions import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        split_batch(_request(1, batch_size=4, batch_size_incremental=1), 2)
+    assert str(caught.value) == (
+        "train.batch_size_incremental: 1 does not split evenly over 2 training processes; use a multiple of 2"
+    )
