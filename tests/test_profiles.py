@@ -31,8 +31,7 @@ def test_init_without_a_gpu_writes_the_demo_settings_and_says_so(
     assert load_settings(tmp_path / "ws" / "ciss.toml").engine == demo
     line = (
         f"no GPU found: CPU settings of `ciss demo`: {demo.model.backbone}, crop {demo.train.crop_size}, "
-        f"batch {demo.train.batch_size} ({demo.train.batch_size_incremental} after step 0); "
-        "`ciss init --profile gpu` writes the paper's GPU settings"
+        f"batch {demo.train.batch_size}; `ciss init --profile gpu` writes the paper's GPU settings"
     )
     assert f"    {line}\n" in result.output
     assert f"# {line}\n" in (tmp_path / "ws" / "ciss.toml").read_text(encoding="utf-8")
@@ -109,3 +108,11 @@ def test_the_daemon_warns_once_started_when_gpu_settings_meet_a_cpu(
         "ciss.toml trains resnet101 at crop 512, batch 32, settings sized for a GPU, but daemon.device is "
         "'cpu': a step may take hours; `ciss init --profile cpu DIR` writes CPU settings"
     ]
+
+
+def test_a_batch_of_its_own_after_step_0_is_named_in_the_settings_line() -> None:
+    assert profiles.batch_words(TrainConfig(batch_size=4)) == "batch 4"
+    assert (
+        profiles.batch_words(TrainConfig(batch_size=4, batch_size_incremental=1))
+        == "batch 4 (1 after step 0)"
+    )
