@@ -46,7 +46,7 @@ def gpu_profile(found: str = "") -> Profile:
         "gpu",
         engine,
         f"{found}GPU settings of the paper: {m.backbone} from ImageNet weights, crop {t.crop_size}, "
-        f"{batch_words(t)}",
+        + batch_words(t),
     )
 
 

@@ -139,12 +139,14 @@ class TrainConfig:
             return int(self.num_workers)
         return min(8, os.cpu_count() or 1) if device_type == "cuda" else 0
 
-    def step_batch_size(self, step_index: int) -> int:
-        """Images per iteration at step ``step_index``: ``batch_size`` at step 0, and after it
+    def step_batch_key(self, step_index: int) -> str:
+        """The setting that holds step ``step_index``'s batch: ``batch_size`` at step 0, and after it
         ``batch_size_incremental`` where set (else ``batch_size``)."""
-        if step_index > 0 and self.batch_size_incremental:
-            return self.batch_size_incremental
-        return self.batch_size
+        return "batch_size_incremental" if step_index > 0 and self.batch_size_incremental else "batch_size"
+
+    def step_batch_size(self, step_index: int) -> int:
+        """Images per iteration at step ``step_index`` (see :meth:`step_batch_key`)."""
+        return int(getattr(self, self.step_batch_key(step_index)))
 
     @property
     def use_kd(self) -> bool:

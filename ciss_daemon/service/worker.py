@@ -269,11 +269,11 @@ def _cluster() -> dict[str, Any] | None:
 def split_batch(job: JobRequest, world: int) -> None:
     """Set this rank's share of the batch the step trains with in ``job.config``: ``train.batch_size``,
     or after step 0 ``train.batch_size_incremental`` where set. ConfigError when it does not split."""
+    from engine.config import EngineConfig
     from engine.exceptions import ConfigError
 
+    key = EngineConfig.from_dict(job.config).train.step_batch_key(job.step_index)
     train = job.config["train"]
-    incremental = job.step_index > 0 and bool(train.get("batch_size_incremental"))
-    key = "batch_size_incremental" if incremental else "batch_size"
     total = int(train[key])
     if total % world:
         raise ConfigError(
